@@ -1,0 +1,122 @@
+"""MNIST, loaded once into tensors on the training device and served in shuffled batches.
+
+The project ships the four original MNIST files gzip-compressed under data/MNIST/raw/. On
+first use they are unpacked beside themselves (and checked against the published md5s), so
+that torchvision.datasets.MNIST finds the layout it expects and never downloads. Only when
+neither the files nor their .gz are there does torchvision try to download them.
+
+Why not a DataLoader: torchvision's MNIST turns each image into a PIL image and back to a
+tensor (ToTensor) on every access, which costs more than the MLP's own forward and backward
+pass. Here the whole set is one (n, 1, 28, 28) float tensor and a batch is one index_select.
+"""
+import gzip
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+
+# md5 of each uncompressed file, as published with the data set and checked by torchvision
+MNIST_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+
+
+class DataError(Exception):
+    """The data cannot be used; the message says what is wrong and how to fix it."""
+
+
+def raw_dir(data_dir):
+    return Path(data_dir) / "MNIST" / "raw"
+
+
+def md5(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def unpack(gz_path, out_path, expected_md5):
+    """Decompress gz_path to out_path, atomically, and check the md5 of what came out."""
+    tmp = out_path.with_name(out_path.name + ".part")
+    try:
+        with gzip.open(gz_path, "rb") as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+    except (OSError, EOFError) as err:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{gz_path} is not a readable gzip file ({err}): replace it with a good copy")
+    if md5(tmp) != expected_md5:
+        tmp.unlink()
+        raise DataError(f"{gz_path} unpacks to the wrong bytes (md5 mismatch): replace it with a good copy")
+    os.replace(tmp, out_path)
+
+
+def prepare_mnist(data_dir, download=True):
+    """Make sure data_dir/MNIST/raw holds the four uncompressed MNIST files."""
+    raw = raw_dir(data_dir)
+    for name, expected in MNIST_MD5.items():
+        gz = raw / (name + ".gz")
+        if not (raw / name).exists() and gz.exists():
+            unpack(gz, raw / name, expected)
+    missing = [name for name in MNIST_MD5 if not (raw / name).exists()]
+    if not missing:
+        return
+    hint = (f"put the four MNIST files ({', '.join(MNIST_MD5)}, or their .gz) in {raw}/, "
+            f"or point --data-dir at a folder that holds MNIST/raw/")
+    if not download:
+        raise DataError(f"MNIST is missing from {raw} ({', '.join(missing)}): {hint}")
+    try:
+        torchvision.datasets.MNIST(data_dir, train=True, download=True)
+    except Exception as err:   # no network, a mirror down, a full disk: all end the same way
+        raise DataError(f"MNIST is missing from {raw} and could not be downloaded "
+                        f"({type(err).__name__}): {hint}") from None
+
+
+def load_split(data_dir, train, device):
+    """(x, y): x float (n, 1, 28, 28) in [0, 1], y long (n,), both on `device`."""
+    try:
+        ds = torchvision.datasets.MNIST(data_dir, train=train, download=False)
+        x, y = ds.data, ds.targets
+    except Exception as err:   # torchvision's reader fails in several ways on damaged files
+        raise DataError(f"cannot read the MNIST files in {raw_dir(data_dir)} ({type(err).__name__}: "
+                        f"{err}); they are truncated or corrupt: replace them with good copies") from None
+    if x.ndim != 3 or x.shape[1:] != (28, 28) or len(x) != len(y) or len(x) == 0:
+        raise DataError(f"the MNIST files in {raw_dir(data_dir)} hold {tuple(x.shape)} images and "
+                        f"{len(y)} labels, not n 28x28 images with n labels: replace them with good copies")
+    x = x.to(device).unsqueeze(1).float().div_(255)
+    return x, y.to(device).long()
+
+
+def load_mnist(data_dir, device, download=True):
+    """The train and test splits as in-memory tensors on `device`."""
+    prepare_mnist(data_dir, download=download)
+    return load_split(data_dir, True, device), load_split(data_dir, False, device)
+
+
+def batches(x, y, batch_size, generator=None, max_batches=0):
+    """Yield (x, y) batches; shuffled by `generator` (a seeded CPU torch.Generator) if given.
+
+    max_batches > 0 stops early (smoke runs). The last batch may be smaller.
+    """
+    n = len(x)
+    order = torch.randperm(n, generator=generator).to(x.device) if generator is not None else None
+    for i, start in enumerate(range(0, n, batch_size)):
+        if max_batches and i >= max_batches:
+            return
+        if order is None:
+            yield x[start:start + batch_size], y[start:start + batch_size]
+        else:
+            idx = order[start:start + batch_size]
+            yield x[idx], y[idx]
+
+
+def n_batches(n, batch_size, max_batches=0):
+    total = -(-n // batch_size)
+    return min(total, max_batches) if max_batches else total

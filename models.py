@@ -1,0 +1,178 @@
+"""VAE and label-conditional VAE (CVAE) for 28x28 MNIST, each with an MLP or a conv body.
+
+  VAE:   q(z|x) = N(mu(x), diag σ²(x)),        p(z) = N(0, I),  p(x|z)    = Bernoulli(σ(logits(z)))
+  CVAE:  q(z|x, y) = N(mu(x, y), diag σ²(x, y)), p(z) = N(0, I),  p(x|y, z) = Bernoulli(σ(logits(z, y)))
+
+Paper tags (AEVB, M2, CVAE) are defined in losses.py. Decoders return Bernoulli logits of
+shape (n, 1, 28, 28); a sigmoid appears only in `sample`, where images are made.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IMAGE_SHAPE = (1, 28, 28)
+X_DIM = 28 * 28
+N_CLASSES = 10
+DEFAULT_HIDDEN_DIM = {"mlp": 400, "conv": 500}   # AEVB's MNIST MLP / the conv model's dense layer
+
+
+# ---------------------------------------------------------------------------------------------
+# Bodies: the networks between the input and the Gaussian heads, and between z and the logits.
+# `label_dim` is the size of the one-hot label joined to the encoder input: 0 for the VAE, 10
+# for the CVAE (10 extra inputs to the MLP, 10 extra input planes to the conv net).
+# ---------------------------------------------------------------------------------------------
+def mlp_encoder(hidden_dim, label_dim=0):
+    """x (n, 1, 28, 28), or (n, 784 + label_dim) flat -> h (n, hidden_dim). One hidden layer, as AEVB's."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(X_DIM + label_dim, hidden_dim), nn.ReLU())
+
+
+def mlp_decoder(in_dim, hidden_dim):
+    """z (n, in_dim) -> x_logits (n, 1, 28, 28)."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), nn.ReLU(),
+        nn.Linear(hidden_dim, X_DIM), nn.Unflatten(1, IMAGE_SHAPE),
+    )
+
+
+def conv_encoder(hidden_dim, label_dim=0):
+    """x (n, 1 + label_dim, 28, 28) -> h (n, hidden_dim): two stride-2 convolutions, 28 -> 14 -> 7."""
+    return nn.Sequential(
+        nn.Conv2d(1 + label_dim, 32, 4, stride=2, padding=1), nn.ReLU(),   # (n, 32, 14, 14)
+        nn.Conv2d(32, 64, 4, stride=2, padding=1), nn.ReLU(),            # (n, 64, 7, 7)
+        nn.Conv2d(64, 128, 3, stride=1, padding=1), nn.ReLU(),           # (n, 128, 7, 7)
+        nn.Flatten(), nn.Linear(128 * 7 * 7, hidden_dim), nn.ReLU(),     # (n, hidden_dim)
+    )
+
+
+def conv_decoder(in_dim, hidden_dim):
+    """z (n, in_dim) -> x_logits (n, 1, 28, 28): the encoder mirrored with transposed convolutions."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), nn.ReLU(),
+        nn.Linear(hidden_dim, 128 * 7 * 7), nn.ReLU(), nn.Unflatten(1, (128, 7, 7)),
+        nn.ConvTranspose2d(128, 64, 3, stride=1, padding=1), nn.ReLU(),   # (n, 64, 7, 7)
+        nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1), nn.ReLU(),    # (n, 32, 14, 14)
+        nn.ConvTranspose2d(32, 1, 4, stride=2, padding=1),                # (n, 1, 28, 28) logits
+    )
+
+
+BODIES = {"mlp": (mlp_encoder, mlp_decoder), "conv": (conv_encoder, conv_decoder)}
+
+
+def reparameterize(mu, logvar):
+    """z = μ + σ ⊙ ε with ε ~ N(0, I): a sample of q(z|·) that gradients flow through.   [AEVB §2.4]"""
+    std = torch.exp(0.5 * logvar)
+    eps = torch.randn_like(std)
+    return mu + std * eps
+
+
+def check_arch(arch):
+    if arch not in BODIES:
+        raise ValueError(f"unknown architecture {arch!r}: use one of {sorted(BODIES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The two models. Same shape of code; the CVAE's label enters visibly in encode and decode.
+# ---------------------------------------------------------------------------------------------
+class VAE(nn.Module):
+    def __init__(self, arch="mlp", latent_dim=20, hidden_dim=400):
+        super().__init__()
+        check_arch(arch)
+        make_encoder, make_decoder = BODIES[arch]
+        self.arch, self.latent_dim, self.hidden_dim = arch, latent_dim, hidden_dim
+        self.encoder = make_encoder(hidden_dim)
+        self.enc_mu = nn.Linear(hidden_dim, latent_dim)        # mean of q(z|x)
+        self.enc_logvar = nn.Linear(hidden_dim, latent_dim)    # log σ² of q(z|x)
+        self.decoder = make_decoder(latent_dim, hidden_dim)    # logits of p(x|z)
+
+    def encode(self, x):
+        """q(z|x): x (n, 1, 28, 28) in [0, 1] -> (mu, logvar), each (n, latent_dim)."""
+        h = self.encoder(x)
+        return self.enc_mu(h), self.enc_logvar(h)
+
+    def decode(self, z):
+        """p(x|z): z (n, latent_dim) -> x_logits (n, 1, 28, 28)."""
+        return self.decoder(z)
+
+    def forward(self, x):
+        mu, logvar = self.encode(x)
+        z = reparameterize(mu, logvar)
+        return self.decode(z), mu, logvar
+
+    @torch.no_grad()
+    def sample(self, n, y=None):
+        """n images from p(x) = ∫ p(x|z) p(z) dz, shown as pixel means σ(logits) in [0, 1]."""
+        z = torch.randn(n, self.latent_dim, device=self.enc_mu.weight.device)
+        return torch.sigmoid(self.decode(z))
+
+
+class CVAE(nn.Module):
+    def __init__(self, arch="mlp", latent_dim=20, hidden_dim=400, n_classes=N_CLASSES):
+        super().__init__()
+        check_arch(arch)
+        make_encoder, make_decoder = BODIES[arch]
+        self.arch, self.latent_dim, self.hidden_dim = arch, latent_dim, hidden_dim
+        self.n_classes = n_classes
+        self.encoder = make_encoder(hidden_dim, label_dim=n_classes)    # sees x and y
+        self.enc_mu = nn.Linear(hidden_dim, latent_dim)                 # mean of q(z|x, y)
+        self.enc_logvar = nn.Linear(hidden_dim, latent_dim)             # log σ² of q(z|x, y)
+        self.decoder = make_decoder(latent_dim + n_classes, hidden_dim)  # logits of p(x|y, z)
+
+    def one_hot(self, y):
+        return F.one_hot(y, self.n_classes).float()                     # (n, n_classes)
+
+    def encode(self, x, y):
+        """q(z|x, y): the one-hot label is concatenated to the encoder's input."""
+        y_onehot = self.one_hot(y).to(x.dtype)
+        if self.arch == "mlp":   # 784 pixels + 10 label inputs
+            xy = torch.cat([x.flatten(1), y_onehot], dim=1)                        # (n, 794)
+        else:                    # the label as 10 constant 28x28 planes beside the pixels
+            planes = y_onehot[:, :, None, None].expand(-1, -1, *x.shape[2:])
+            xy = torch.cat([x, planes], dim=1)                                     # (n, 11, 28, 28)
+        h = self.encoder(xy)
+        return self.enc_mu(h), self.enc_logvar(h)
+
+    def decode(self, z, y):
+        """p(x|y, z): the one-hot label is concatenated to z."""
+        zy = torch.cat([z, self.one_hot(y).to(z.dtype)], dim=1)        # (n, latent_dim + 10)
+        return self.decoder(zy)
+
+    def forward(self, x, y):
+        mu, logvar = self.encode(x, y)
+        z = reparameterize(mu, logvar)
+        return self.decode(z, y), mu, logvar
+
+    @torch.no_grad()
+    def sample(self, n, y=None):
+        """n images from p(x|y); y is a LongTensor of n labels, e.g. torch.full((n,), 7)."""
+        if y is None:
+            raise ValueError("CVAE.sample needs the labels to draw: sample(n, y=torch.full((n,), 7))")
+        device = self.enc_mu.weight.device
+        y = torch.as_tensor(y, dtype=torch.long, device=device).reshape(-1)
+        if len(y) != n:
+            raise ValueError(f"CVAE.sample got {len(y)} labels for n={n} images: pass one label per image")
+        z = torch.randn(n, self.latent_dim, device=device)
+        return torch.sigmoid(self.decode(z, y))
+
+
+MODELS = {"vae": VAE, "cvae": CVAE}
+
+
+def build_model(model, arch, latent_dim, hidden_dim):
+    """The model named `model` ('vae' or 'cvae'); hidden_dim 0 means the arch's default."""
+    hidden_dim = hidden_dim or DEFAULT_HIDDEN_DIM[arch]
+    return MODELS[model](arch=arch, latent_dim=latent_dim, hidden_dim=hidden_dim)
+
+
+def model_args(net):
+    """The arguments that rebuild `net` with build_model, stored in every checkpoint."""
+    kind = "cvae" if isinstance(net, CVAE) else "vae"
+    return {"model": kind, "arch": net.arch, "latent_dim": net.latent_dim, "hidden_dim": net.hidden_dim}
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """The trained model stored in a checkpoint written by main.py, in eval mode, ready to sample."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    net = build_model(**ckpt["model_args"])
+    net.load_state_dict(ckpt["model"])
+    device = next(iter(ckpt["model"].values())).device     # wherever map_location put the weights
+    return net.to(device).eval()
