@@ -35,7 +35,9 @@ class Config:
     epochs: int = field(default=10, metadata={"help": "passes over the 60,000 training images"})
     batch_size: int = field(default=128, metadata={"help": "images per Adam step"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
-    latent_dim: int = field(default=20, metadata={"help": "size of z"})
+    latent_dim: int = field(default=20, metadata={"help": "size of the VAE's z"})
+    cvae_latent_dim: int = field(default=2, metadata={"help": "size of the CVAE's z: small, so z holds the style "
+                                                      "and y the class (README, 'Does the CVAE draw the digit asked for?')"})
     hidden_dim: int = field(default=0, metadata={"help": "hidden units; 0 = the arch's default (mlp 400, conv 500)"})
     beta: float = field(default=1.0, metadata={"help": "weight of the KL term in training; 1 = the true ELBO"})
     seed: int = field(default=1, metadata={"help": "seeds initialisation, shuffling, z samples and pictures"})
@@ -65,7 +67,7 @@ def parse_args(argv=None):
 
 
 def check_config(cfg):
-    for name in ("epochs", "batch_size", "latent_dim"):
+    for name in ("epochs", "batch_size", "latent_dim", "cvae_latent_dim"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     for name in ("hidden_dim", "max_batches"):
@@ -160,6 +162,66 @@ def evaluate(net, x, y, seed, max_batches=0):
 
 
 # ------------------------------------------------------------------------------------------------
+# Does the CVAE draw the digit it is asked for? A separately trained classifier is the judge.
+# ------------------------------------------------------------------------------------------------
+CLASSIFIER_EPOCHS = 4
+
+
+def train_classifier(train_set, test_set, seed):
+    """The judge: a small convnet trained on MNIST; returns (net, test accuracy)."""
+    x, y = train_set
+    torch.manual_seed(seed)
+    net = models.DigitClassifier().to(x.device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in range(CLASSIFIER_EPOCHS):
+        net.train()
+        if epoch == CLASSIFIER_EPOCHS - 1:                  # a last epoch at a tenth of the rate
+            optimizer.param_groups[0]["lr"] = 1e-4
+        for xb, yb in tqdm(data.batches(x, y, 128, generator), total=data.n_batches(len(x), 128),
+                           desc=f"classifier epoch {epoch + 1}/{CLASSIFIER_EPOCHS}", leave=False):
+            loss = torch.nn.functional.cross_entropy(net(xb), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return net.eval(), classifier_accuracy(net, *test_set)
+
+
+@torch.no_grad()
+def classifier_accuracy(net, x, y):
+    net.eval()
+    correct = sum((net(xb).argmax(1) == yb).sum().item() for xb, yb in data.batches(x, y, EVAL_BATCH_SIZE))
+    return correct / len(x)
+
+
+def load_classifier(data_dir, train_set, test_set, seed):
+    """The classifier cached at data_dir/classifier.pt, trained (about a minute on a CPU) if absent."""
+    path = Path(data_dir) / "classifier.pt"
+    device = train_set[0].device
+    if path.is_file():
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        net = models.DigitClassifier().to(device)
+        net.load_state_dict(ckpt["model"])
+        return net.eval(), ckpt["test_accuracy"]
+    print(f"training the digit classifier that judges the CVAE's samples (once; cached in {path})")
+    net, accuracy = train_classifier(train_set, test_set, seed)
+    save_atomic(lambda p: torch.save({"model": net.state_dict(), "test_accuracy": accuracy}, p), path)
+    return net, accuracy
+
+
+@torch.no_grad()
+def sample_accuracy(net, classifier, seed, n_per_class=100):
+    """How often a sample of p(x|y = d), z ~ N(0, I), is labelled d by the classifier, per digit d."""
+    device = net.enc_mu.weight.device
+    y = torch.arange(net.n_classes, device=device).repeat_interleave(n_per_class)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        hits = classifier(net.sample(len(y), y)).argmax(1) == y
+    per_digit = hits.view(net.n_classes, n_per_class).float().mean(1)
+    return {"overall": hits.float().mean().item(), "per_digit": per_digit.tolist()}
+
+
+# ------------------------------------------------------------------------------------------------
 # Pictures, checkpoints, and the two ways in: train a model, or evaluate a checkpoint
 # ------------------------------------------------------------------------------------------------
 def draw(net, test, history, run_dir, seed, title):
@@ -183,12 +245,13 @@ def save_checkpoint(net, optimizer, cfg, epoch, history, path):
 def train(kind, cfg, device, train_set, test_set):
     """Train one model (kind 'vae' or 'cvae') and write its run folder; returns the folder."""
     torch.manual_seed(cfg.seed)
-    net = models.build_model(kind, cfg.arch, cfg.latent_dim, cfg.hidden_dim).to(device)
+    latent_dim = cfg.cvae_latent_dim if kind == "cvae" else cfg.latent_dim
+    net = models.build_model(kind, cfg.arch, latent_dim, cfg.hidden_dim).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     generator = torch.Generator().manual_seed(cfg.seed)          # the shuffling order
     run_dir = make_run_dir(cfg.out_dir, f"{kind}-{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_cfg = dataclasses.replace(cfg, model=kind)
-    print(f"{kind.upper()} ({cfg.arch}, latent {cfg.latent_dim}) on {device}: writing {run_dir}")
+    print(f"{kind.upper()} ({cfg.arch}, latent {latent_dim}) on {device}: writing {run_dir}")
     history = []
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
@@ -203,7 +266,21 @@ def train(kind, cfg, device, train_set, test_set):
         save_json({"config": dataclasses.asdict(run_cfg), "model_args": models.model_args(net),
                    "epochs": history}, run_dir / "metrics.json")
     draw(net, test_set, history, run_dir, cfg.seed, f"{kind.upper()} ({cfg.arch}), MNIST")
+    if kind == "cvae" and not cfg.max_batches:     # a smoke run's data would make a poor judge
+        report_sample_accuracy(net, cfg, train_set, test_set, run_dir / "metrics.json")
     return run_dir
+
+
+def report_sample_accuracy(net, cfg, train_set, test_set, metrics_path):
+    """Add to metrics.json how often the CVAE's samples of digit d are labelled d by the classifier."""
+    classifier, classifier_accuracy = load_classifier(cfg.data_dir, train_set, test_set, cfg.seed)
+    accuracy = sample_accuracy(net, classifier, cfg.seed)
+    print(f"samples labelled as the digit asked for: {100 * accuracy['overall']:.1f}% (per digit "
+          f"{' '.join(f'{100 * a:.0f}' for a in accuracy['per_digit'])}; judge's test accuracy "
+          f"{100 * classifier_accuracy:.2f}%)")
+    metrics = json.loads(metrics_path.read_text())
+    metrics["sample_accuracy"] = {**accuracy, "classifier_test_accuracy": classifier_accuracy}
+    save_json(metrics, metrics_path)
 
 
 def load_for_eval(path, device):
@@ -219,9 +296,8 @@ def load_for_eval(path, device):
     return net.eval(), ckpt
 
 
-def evaluate_checkpoint(cfg, device, test_set):
+def evaluate_checkpoint(cfg, net, ckpt, test_set):
     """--eval: test metrics and pictures of a saved model, in a new run folder."""
-    net, ckpt = load_for_eval(cfg.eval, device)
     args = ckpt["model_args"]
     run_dir = make_run_dir(cfg.out_dir, f"eval-{args['model']}-{args['arch']}-{time.strftime('%Y%m%d-%H%M%S')}")
     metrics = evaluate(net, *test_set, cfg.seed, cfg.max_batches)
@@ -236,9 +312,11 @@ def evaluate_checkpoint(cfg, device, test_set):
 def run(cfg):
     check_config(cfg)
     device = pick_device(cfg.device)
-    train_set, test_set = data.load_mnist(cfg.data_dir, device)
     if cfg.eval:
-        return [evaluate_checkpoint(cfg, device, test_set)]
+        net, ckpt = load_for_eval(cfg.eval, device)     # refuse a bad checkpoint before loading data
+        _, test_set = data.load_mnist(cfg.data_dir, device)
+        return [evaluate_checkpoint(cfg, net, ckpt, test_set)]
+    train_set, test_set = data.load_mnist(cfg.data_dir, device)
     kinds = ["vae", "cvae"] if cfg.model == "both" else [cfg.model]
     return [train(kind, cfg, device, train_set, test_set) for kind in kinds]
 

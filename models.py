@@ -176,3 +176,20 @@ def load_checkpoint(path, map_location="cpu"):
     net.load_state_dict(ckpt["model"])
     device = next(iter(ckpt["model"].values())).device     # wherever map_location put the weights
     return net.to(device).eval()
+
+
+class DigitClassifier(nn.Module):
+    """A small convnet that labels MNIST digits (> 99% test accuracy after two epochs).
+
+    Not part of any VAE: it is the judge of the CVAE, telling which digit a sample p(x|y) shows.
+    """
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),          # (n, 32, 13, 13)
+            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),         # (n, 64, 5, 5)
+            nn.Flatten(), nn.Linear(64 * 5 * 5, 128), nn.ReLU(), nn.Dropout(0.3), nn.Linear(128, N_CLASSES),
+        )
+
+    def forward(self, x):
+        return self.net((x - 0.1307) / 0.3081)     # MNIST's pixel mean and std; class logits (n, 10)

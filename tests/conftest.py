@@ -1,0 +1,44 @@
+"""Tiny MNIST-format data written by the tests themselves: no network, no real data needed."""
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def write_idx(path, array):
+    """Write a uint8 array in the IDX format MNIST uses: magic (0, 0, 0x08, ndim), sizes, bytes."""
+    array = np.asarray(array, dtype=np.uint8)
+    with open(path, "wb") as f:
+        f.write(struct.pack(">BBBB", 0, 0, 0x08, array.ndim))
+        f.write(struct.pack(">" + "I" * array.ndim, *array.shape))
+        f.write(array.tobytes())
+
+
+def fake_digits(n, seed):
+    """n 28x28 images whose bright bar position encodes the label, so labels carry information."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    images = rng.integers(0, 40, (n, 28, 28))
+    for image, label in zip(images, labels):
+        image[4 + 2 * label: 6 + 2 * label, 4:24] = 255
+    return images, labels
+
+
+def make_tiny_mnist(root, n_train=96, n_test=48):
+    raw = Path(root) / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = fake_digits(n, seed)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return Path(root)
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path):
+    return make_tiny_mnist(tmp_path / "data")

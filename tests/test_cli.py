@@ -1,0 +1,132 @@
+"""main.py end to end, on tiny IDX files the tests write: training through a subprocess (the
+real command line), everything else through main.main(argv) in this process, which is faster."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+import main
+
+PAIRS = [(kind, arch) for kind in ("vae", "cvae") for arch in ("mlp", "conv")]
+
+
+def run_main(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def main_in_process(capsys, *args):
+    """(exit code, stdout, stderr) of main.main(args)."""
+    try:
+        main.main(list(map(str, args)))
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def check_run_folder(run_dir, kind, epochs):
+    expected = {"checkpoint.pt", "metrics.json", "reconstructions.png", "samples.png", "loss_curves.png"}
+    if kind == "cvae":
+        expected.add("samples_by_class.png")
+    assert {p.name for p in run_dir.iterdir()} == expected
+    for png in run_dir.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 500
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["config"]["model"] == kind
+    assert [row["epoch"] for row in metrics["epochs"]] == list(range(1, epochs + 1))
+    for row in metrics["epochs"]:
+        for key in ("train_neg_elbo", "test_neg_elbo", "test_recon", "test_kl", "train_seconds"):
+            assert isinstance(row[key], float)
+        # −ELBO = reconstruction + KL, and both terms are non-negative for pixels in [0, 1]
+        assert row["test_neg_elbo"] == pytest.approx(row["test_recon"] + row["test_kl"], rel=1e-5)
+        assert row["test_recon"] > 0 and row["test_kl"] >= 0
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert set(ckpt) >= {"model", "optimizer", "config", "epoch"} and ckpt["epoch"] == epochs
+    return metrics
+
+
+@pytest.mark.parametrize("kind,arch", PAIRS)
+def test_train_then_eval_writes_every_output(tiny_mnist, tmp_path, capsys, kind, arch):
+    out = tmp_path / "results"
+    result = run_main("--model", kind, "--arch", arch, "--epochs", 2, "--batch-size", 32,
+                      "--latent-dim", 3, "--cvae-latent-dim", 3, "--data-dir", tiny_mnist, "--out-dir", out)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = out.iterdir()
+    metrics = check_run_folder(run_dir, kind, epochs=2)
+    if kind == "cvae":
+        accuracy = metrics["sample_accuracy"]
+        assert 0 <= accuracy["overall"] <= 1 and len(accuracy["per_digit"]) == 10
+
+    code, _, err = main_in_process(capsys, "--eval", run_dir / "checkpoint.pt", "--data-dir", tiny_mnist,
+                                   "--out-dir", out)
+    assert code == 0, err
+    (eval_dir,) = [p for p in out.iterdir() if p.name.startswith("eval-")]
+    expected = {"metrics.json", "reconstructions.png", "samples.png", "loss_curves.png"}
+    assert {p.name for p in eval_dir.iterdir()} == expected | ({"samples_by_class.png"} if kind == "cvae" else set())
+    evaluation = json.loads((eval_dir / "metrics.json").read_text())["eval"]
+    # same seed, same model, same test set: --eval reproduces the last epoch's test numbers
+    assert evaluation["test_neg_elbo"] == pytest.approx(metrics["epochs"][-1]["test_neg_elbo"], rel=1e-5)
+
+
+def test_both_models_by_default_and_no_run_overwrites_another(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "results"
+    for _ in range(2):
+        code, _, err = main_in_process(capsys, "--epochs", 1, "--max-batches", 1, "--data-dir", tiny_mnist,
+                                       "--out-dir", out)
+        assert code == 0, err
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) == 4 and sum(n.startswith("vae-") for n in names) == 2
+
+
+def test_help_lists_every_hyperparameter_with_its_default(capsys):
+    code, out, _ = main_in_process(capsys, "--help")
+    assert code == 0
+    text = " ".join(out.split())                  # argparse wraps long lines
+    for name, value in vars(main.Config()).items():
+        assert f"--{name.replace('_', '-')}" in text
+        assert f"default: {value!r}" in text
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "gan"], "invalid choice"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--batch-size", "-5"], "--batch-size must be at least 1"),
+    (["--latent-dim", "0"], "--latent-dim must be at least 1"),
+    (["--cvae-latent-dim", "0"], "--cvae-latent-dim must be at least 1"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--lr", "abc"], "invalid float value"),
+    (["--no-such-flag"], "unrecognized arguments"),
+    (["--eval", "missing.pt"], "no checkpoint at missing.pt"),
+])
+def test_bad_input_gets_one_line_and_exit_code_2(tiny_mnist, tmp_path, capsys, args, message):
+    code, _, err = main_in_process(capsys, *args, "--data-dir", tiny_mnist, "--out-dir", tmp_path / "out")
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()                 # refused before anything was written
+
+
+def test_bad_input_through_the_real_command_line_has_no_traceback(tiny_mnist):
+    result = run_main("--epochs", "-3", "--data-dir", tiny_mnist)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --epochs must be at least 1, got -3"
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused(tiny_mnist, tmp_path, capsys):
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_text("not a checkpoint")
+    code, _, err = main_in_process(capsys, "--eval", bogus, "--data-dir", tiny_mnist, "--out-dir", tmp_path / "out")
+    assert code == 2 and "is not a usable checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_truncated_data_is_refused_with_a_hint(tiny_mnist, tmp_path, capsys):
+    images = tiny_mnist / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])
+    code, _, err = main_in_process(capsys, "--data-dir", tiny_mnist, "--out-dir", tmp_path / "out")
+    assert code == 2 and "truncated or corrupt" in err and len(err.strip().splitlines()) == 1

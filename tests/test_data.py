@@ -1,0 +1,70 @@
+"""data.py: unpacking with md5 checks, clear errors, and the in-memory batches."""
+import gzip
+import shutil
+
+import pytest
+import torch
+
+import data
+from conftest import make_tiny_mnist
+
+
+def gzip_raw_files(root):
+    """Replace each raw file by its .gz, as the project ships MNIST; returns the md5s of the originals."""
+    raw = data.raw_dir(root)
+    md5s = {}
+    for name in data.MNIST_MD5:
+        md5s[name] = data.md5(raw / name)
+        with open(raw / name, "rb") as src, gzip.open(raw / (name + ".gz"), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        (raw / name).unlink()
+    return md5s
+
+
+def test_shipped_gz_files_are_unpacked_and_checked(tmp_path, monkeypatch):
+    root = make_tiny_mnist(tmp_path / "data")
+    monkeypatch.setattr(data, "MNIST_MD5", gzip_raw_files(root))
+    (x, y), (x_test, y_test) = data.load_mnist(root, torch.device("cpu"), download=False)
+    assert x.shape == (96, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.long
+    assert x.min() >= 0 and x.max() == 1 and x_test.shape == (48, 1, 28, 28)
+    assert all((data.raw_dir(root) / name).exists() for name in data.MNIST_MD5)
+
+
+def test_gz_with_wrong_content_is_refused(tmp_path, monkeypatch):
+    root = make_tiny_mnist(tmp_path / "data")
+    md5s = gzip_raw_files(root)
+    md5s["train-images-idx3-ubyte"] = "0" * 32
+    monkeypatch.setattr(data, "MNIST_MD5", md5s)
+    with pytest.raises(data.DataError, match="md5 mismatch"):
+        data.prepare_mnist(root, download=False)
+    assert not (data.raw_dir(root) / "train-images-idx3-ubyte").exists()     # no half-checked file left
+
+
+def test_damaged_gz_is_refused(tmp_path, monkeypatch):
+    root = make_tiny_mnist(tmp_path / "data")
+    monkeypatch.setattr(data, "MNIST_MD5", gzip_raw_files(root))
+    gz = data.raw_dir(root) / "t10k-labels-idx1-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:20])
+    with pytest.raises(data.DataError, match="not a readable gzip file"):
+        data.prepare_mnist(root, download=False)
+
+
+def test_missing_data_names_the_folder_and_the_files(tmp_path):
+    with pytest.raises(data.DataError) as err:
+        data.prepare_mnist(tmp_path / "empty", download=False)
+    message = str(err.value)
+    assert str(tmp_path / "empty" / "MNIST" / "raw") in message
+    assert all(name in message for name in data.MNIST_MD5) and "--data-dir" in message
+
+
+def test_batches_visit_every_image_once_in_a_seeded_order():
+    x = torch.arange(10.0).view(10, 1)
+    y = torch.arange(10)
+    first = list(data.batches(x, y, 4, torch.Generator().manual_seed(3)))
+    again = list(data.batches(x, y, 4, torch.Generator().manual_seed(3)))
+    assert [len(b[0]) for b in first] == [4, 4, 2]
+    seen = torch.cat([b[1] for b in first])
+    assert sorted(seen.tolist()) == list(range(10)) and seen.tolist() != list(range(10))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert all(torch.equal(xb[:, 0].long(), yb) for xb, yb in first)          # x and y stay paired
+    assert len(list(data.batches(x, y, 4, max_batches=2))) == 2 == data.n_batches(10, 4, 2)

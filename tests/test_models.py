@@ -1,0 +1,84 @@
+"""The four models: shapes, conditioning that conditions, and checkpoints that round-trip."""
+import pytest
+import torch
+
+import models
+
+PAIRS = [(kind, arch) for kind in ("vae", "cvae") for arch in ("mlp", "conv")]
+
+
+@pytest.mark.parametrize("kind,arch", PAIRS)
+def test_shapes(kind, arch):
+    torch.manual_seed(0)
+    net = models.build_model(kind, arch, latent_dim=6, hidden_dim=0)
+    x, y = torch.rand(5, 1, 28, 28), torch.arange(5)
+    args = (x, y) if kind == "cvae" else (x,)
+    mu, logvar = net.encode(*args)
+    assert mu.shape == logvar.shape == (5, 6)
+    z_args = (mu, y) if kind == "cvae" else (mu,)
+    assert net.decode(*z_args).shape == (5, 1, 28, 28)
+    x_logits, mu2, logvar2 = net(*args)
+    assert x_logits.shape == (5, 1, 28, 28) and torch.equal(mu, mu2) and torch.equal(logvar, logvar2)
+    samples = net.sample(5, y if kind == "cvae" else None)
+    assert samples.shape == (5, 1, 28, 28)
+    assert samples.min() >= 0 and samples.max() <= 1
+
+
+def test_default_sizes_are_the_papers():
+    mlp = models.build_model("vae", "mlp", latent_dim=20, hidden_dim=0)
+    assert mlp.encoder[1].weight.shape == (400, 784) and mlp.enc_mu.weight.shape == (20, 400)
+    conv = models.build_model("vae", "conv", latent_dim=20, hidden_dim=0)
+    assert conv.enc_mu.weight.shape == (20, 500)
+    cvae = models.build_model("cvae", "mlp", latent_dim=20, hidden_dim=0)
+    assert cvae.encoder[1].weight.shape == (400, 784 + 10)     # the label joins the encoder input
+    assert cvae.decoder[0].weight.shape == (400, 20 + 10)      # and z
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_cvae_decodes_differ_by_label_for_the_same_z(arch):
+    torch.manual_seed(0)
+    net = models.build_model("cvae", arch, latent_dim=4, hidden_dim=0)
+    z = torch.randn(1, 4).expand(10, 4)
+    images = torch.sigmoid(net.decode(z, torch.arange(10)))
+    diffs = (images[:, None] - images[None, :]).abs().flatten(2).sum(-1)    # (10, 10)
+    off_diagonal = diffs[~torch.eye(10, dtype=torch.bool)]
+    assert (off_diagonal > 1e-3).all()
+    # and the label reaches the encoder too: q(z|x, y) changes with y for the same x
+    x = torch.rand(1, 1, 28, 28).expand(10, 1, 28, 28)
+    mu, _ = net.encode(x, torch.arange(10))
+    assert (mu[1:] - mu[0]).abs().sum(1).min() > 1e-4
+
+
+def test_cvae_sample_refuses_missing_or_mismatched_labels():
+    net = models.build_model("cvae", "mlp", latent_dim=2, hidden_dim=0)
+    with pytest.raises(ValueError, match="needs the labels"):
+        net.sample(3)
+    with pytest.raises(ValueError, match="one label per image"):
+        net.sample(3, torch.tensor([1, 2]))
+
+
+def test_unknown_arch_is_refused():
+    with pytest.raises(ValueError, match="unknown architecture"):
+        models.VAE(arch="resnet")
+
+
+@pytest.mark.parametrize("kind,arch", PAIRS)
+def test_checkpoint_round_trip_gives_the_same_outputs(tmp_path, kind, arch):
+    import dataclasses
+    import main
+    torch.manual_seed(0)
+    net = models.build_model(kind, arch, latent_dim=3, hidden_dim=32)
+    optimizer = torch.optim.Adam(net.parameters())
+    path = tmp_path / "checkpoint.pt"
+    main.save_checkpoint(net, optimizer, dataclasses.replace(main.Config(), model=kind, arch=arch), 1, [], path)
+    loaded = models.load_checkpoint(path, map_location="cpu")
+    assert type(loaded) is type(net) and not loaded.training
+    x, y, z = torch.rand(4, 1, 28, 28), torch.tensor([0, 3, 7, 9]), torch.randn(4, 3)
+    extra = (y,) if kind == "cvae" else ()
+    net.eval()
+    assert torch.equal(net.encode(x, *extra)[0], loaded.encode(x, *extra)[0])
+    assert torch.equal(net.decode(z, *extra), loaded.decode(z, *extra))
+    torch.manual_seed(5)
+    a = net.sample(4, *extra)
+    torch.manual_seed(5)
+    assert torch.equal(a, loaded.sample(4, *extra))
