@@ -58,7 +58,7 @@ def elbo(x, x_logits, mu, logvar):
 def conditional_elbo(x, x_logits, mu, logvar):
     """The conditional ELBO of log p(x|y), one sample of z, KL in closed form.
 
-    log p(x|y) >= E_q(z|x,y)[log p(x|y, z)] − KL(q(z|x, y) || p(z))     [CVAE Eq. 4; M2 Eq. 6]
+    log p(x|y) >= E_q(z|x,y)[log p(x|y, z)] − KL(q(z|x, y) || p(z))     [CVAE §3; M2 Eq. 6]
 
     The formula is the VAE's with every distribution conditioned on the label, so the code is
     the same: x_logits must come from p(x|y, z) and (mu, logvar) from q(z|x, y). Two choices:
