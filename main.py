@@ -222,8 +222,8 @@ def sample_accuracy(net, classifier, seed, n_per_class=100):
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         hits = classifier(net.sample(len(y), y)).argmax(1) == y
-    per_digit = hits.view(net.n_classes, n_per_class).float().mean(1)
-    return {"overall": hits.float().mean().item(), "per_digit": per_digit.tolist()}
+    per_digit = hits.view(net.n_classes, n_per_class).double().mean(1)
+    return {"overall": hits.double().mean().item(), "per_digit": per_digit.tolist()}
 
 
 # ------------------------------------------------------------------------------------------------
