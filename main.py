@@ -156,8 +156,7 @@ def evaluate(net, x, y, seed, max_batches=0):
     net.eval()
     sums = torch.zeros(3, device=x.device)
     count = 0
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with models.seeded(x.device, seed):
         for xb, yb in data.batches(x, y, EVAL_BATCH_SIZE, max_batches=max_batches):
             elbo, log_px, kl = elbo_terms(net, xb, yb)
             sums += torch.stack([-elbo.sum(), -log_px.sum(), kl.sum()])
@@ -219,8 +218,7 @@ def sample_accuracy(net, classifier, seed, n_per_class=100):
     """How often a sample of p(x|y = d), z ~ N(0, I), is labelled d by the classifier, per digit d."""
     device = net.enc_mu.weight.device
     y = torch.arange(net.n_classes, device=device).repeat_interleave(n_per_class)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with models.seeded(device, seed):
         hits = classifier(net.sample(len(y), y)).argmax(1) == y
     per_digit = hits.view(net.n_classes, n_per_class).double().mean(1)
     return {"overall": hits.double().mean().item(), "per_digit": per_digit.tolist()}
@@ -278,13 +276,13 @@ def train(kind, cfg, device, train_set, test_set):
 
 def report_sample_accuracy(net, cfg, train_set, test_set, metrics_path):
     """Add to metrics.json how often the CVAE's samples of digit d are labelled d by the classifier."""
-    classifier, classifier_accuracy = load_classifier(cfg.data_dir, train_set, test_set, cfg.seed)
+    classifier, judge_accuracy = load_classifier(cfg.data_dir, train_set, test_set, cfg.seed)
     accuracy = sample_accuracy(net, classifier, cfg.seed)
     print(f"samples labelled as the digit asked for: {100 * accuracy['overall']:.1f}% (per digit "
           f"{' '.join(f'{100 * a:.0f}' for a in accuracy['per_digit'])}; judge's test accuracy "
-          f"{100 * classifier_accuracy:.2f}%)")
+          f"{100 * judge_accuracy:.2f}%)")
     metrics = json.loads(metrics_path.read_text())
-    metrics["sample_accuracy"] = {**accuracy, "classifier_test_accuracy": classifier_accuracy}
+    metrics["sample_accuracy"] = {**accuracy, "classifier_test_accuracy": judge_accuracy}
     save_json(metrics, metrics_path)
 
 

@@ -6,6 +6,8 @@
 Paper tags (AEVB, M2, CVAE) are defined in losses.py. Decoders return Bernoulli logits of
 shape (n, 1, 28, 28); a sigmoid appears only in `sample`, where images are made.
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -63,6 +65,15 @@ def reparameterize(mu, logvar):
     std = torch.exp(0.5 * logvar)
     eps = torch.randn_like(std)
     return mu + std * eps
+
+
+@contextlib.contextmanager
+def seeded(device, seed):
+    """Random numbers on `device` start from `seed` inside; outside, the global random state is as
+    it was, so seeded evaluation and pictures never shift the training run's random stream."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def check_arch(arch):

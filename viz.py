@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt
 import torch
 from torchvision.utils import save_image
 
-from models import CVAE
+from models import CVAE, seeded
 
 
 @torch.no_grad()
@@ -25,8 +25,7 @@ def reconstruction_grid(net, x, y, path, n=24, per_row=12):
 
 def sample_grid(net, path, n=80, seed=0):
     """n decodings of z ~ N(0, I); for the CVAE the labels cycle 0..9 along each row."""
-    with torch.random.fork_rng(devices=_devices(net)):
-        torch.manual_seed(seed)
+    with seeded(net.enc_mu.weight.device, seed):
         y = torch.arange(n) % net.n_classes if isinstance(net, CVAE) else None
         images = net.sample(n, y)
     save_image(images.cpu(), path, nrow=10, padding=2, pad_value=1.0)
@@ -58,8 +57,3 @@ def loss_curves(history, path, title):
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-def _devices(net):
-    device = net.enc_mu.weight.device
-    return [device] if device.type == "cuda" else []
