@@ -1,0 +1,147 @@
+"""viz.py: the gallery of figures for the four models, and the computations behind the figures
+checked against a second computation or against what they promise (conditioning, clamping)."""
+import pytest
+import torch
+
+import losses
+import models
+import viz
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ALWAYS = {"latent_space.png", "interpolations.png", "traversals.png", "completions.png",
+          "anomaly_histogram.png", "least_likely.png"}
+OLD_HISTORY = [{"epoch": e, "train_neg_elbo": 200.0 - e, "test_neg_elbo": 190.0 - e,
+                "test_recon": 170.0 - e, "test_kl": 20.0} for e in (1, 2, 3)]
+HISTORY = [{**h, "train_recon": 178.0 - h["epoch"], "train_kl": 22.0} for h in OLD_HISTORY]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Batches of 64 gain nothing from a second thread, and on a busy 2-core machine two threads
+    make the conv models several times slower; the test's own thread count is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_model(kind, arch, latent_dim):
+    torch.manual_seed(0)
+    return models.build_model(kind, arch, latent_dim=latent_dim, hidden_dim=16).eval()
+
+
+def fake_test_set(n=64):
+    """n random images; labels cycle 0-9 so every class is there."""
+    x = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    return x, torch.arange(n) % 10
+
+
+def is_png(path):
+    return path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 500
+
+
+@pytest.mark.parametrize("kind,arch,latent_dim,history", [
+    ("vae", "mlp", 2, HISTORY), ("vae", "conv", 3, []), ("cvae", "mlp", 3, OLD_HISTORY), ("cvae", "conv", 2, HISTORY)])
+def test_gallery_writes_every_figure_that_applies(tmp_path, kind, arch, latent_dim, history):
+    net = small_model(kind, arch, latent_dim)
+    x, y = fake_test_set()
+    rng_before = torch.random.get_rng_state()
+    paths = viz.gallery(net, x, y, history, tmp_path, seed=1)
+    expected = set(ALWAYS)
+    expected |= {"manifold.png"} if latent_dim == 2 else set()
+    expected |= {"analogies.png"} if kind == "cvae" else set()
+    expected |= {"loss_curves.png"} if history else set()
+    assert sorted(p.name for p in paths) == sorted(expected)
+    assert {p.name for p in tmp_path.iterdir()} == expected
+    assert all(is_png(p) for p in paths)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)     # figures never shift training's RNG
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_analogy_images_decode_each_style_with_every_label(arch):
+    net = small_model("cvae", arch, latent_dim=3)
+    x, y = fake_test_set(4)
+    images = viz.analogy_images(net, x, y)
+    assert images.shape == (4, 10, 1, 28, 28)
+    # the label conditions: one z decoded with two different labels gives two different images
+    for a in range(10):
+        for b in range(a + 1, 10):
+            assert (images[:, a] - images[:, b]).abs().flatten(1).amax(1).min() > 1e-4
+    # column d is p(x|y = d, z_i) with z_i the mean of q(z|x_i, y_i): the same decoding, one at a time
+    mu, _ = net.encode(x, y)
+    for i in range(4):
+        for d in (0, 7):
+            expected = torch.sigmoid(net.decode(mu[i:i + 1], torch.tensor([d])))[0]
+            torch.testing.assert_close(images[i, d], expected)
+
+
+@pytest.mark.parametrize("kind,arch", [("vae", "mlp"), ("cvae", "mlp"), ("cvae", "conv")])
+def test_completion_keeps_the_observed_pixels_and_fills_the_hidden_ones(kind, arch):
+    net = small_model(kind, arch, latent_dim=3)
+    x, y = fake_test_set(6)
+    hidden = viz.bottom_half_hidden(x)
+    assert hidden.sum() == 6 * 14 * 28 and hidden[..., 14:, :].all()
+    with models.seeded(torch.device("cpu"), 0):
+        filled = viz.complete(net, x, y, hidden, n_iters=5)
+    with models.seeded(torch.device("cpu"), 0):
+        again = viz.complete(net, x, y, hidden, n_iters=5)
+    assert torch.equal(filled[~hidden], x[~hidden])             # observed pixels exactly as given
+    assert not torch.equal(filled[hidden], x[hidden])           # hidden ones replaced
+    assert filled.min() >= 0 and filled.max() <= 1
+    assert torch.equal(filled, again)                           # seeded: reproducible
+
+
+def test_latent_scatter_runs_in_two_dims_and_with_pca(tmp_path):
+    x, y = fake_test_set()
+    for latent_dim in (1, 2, 5):
+        net = small_model("vae", "mlp", latent_dim)
+        viz.latent_space(net, x, y, tmp_path / f"latent_{latent_dim}.png")
+        assert is_png(tmp_path / f"latent_{latent_dim}.png")
+
+
+def test_projection_is_z_in_two_dims_and_the_top_principal_components_otherwise():
+    labels = torch.arange(500) % 10
+    mu2 = torch.randn(500, 2, generator=torch.Generator().manual_seed(0))
+    coords, names = viz.project_2d(mu2, labels, "E[z|x]")
+    assert torch.equal(coords, mu2) and names == ("z_1 = E[z|x]_1", "z_2 = E[z|x]_2")
+    # in 5 dims, the variances of the two coordinates are the two largest eigenvalues of the
+    # means' covariance matrix, and the coordinates are uncorrelated
+    mu = torch.randn(500, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    mu = mu * torch.tensor([0.5, 3.0, 1.0, 2.0, 0.1], dtype=torch.float64)
+    coords, names = viz.project_2d(mu, labels, "E[z|x]")
+    eigenvalues = torch.linalg.eigvalsh(torch.cov(mu.T)).flip(0)
+    torch.testing.assert_close(torch.cov(coords.T), torch.diag(eigenvalues[:2]))
+    assert names[0].startswith("PC 1 of E[z|x]") and names[1].startswith("PC 2 of E[z|x]")
+
+
+def test_manifold_grid_is_the_inverse_gaussian_cdf_of_a_uniform_grid():
+    u = torch.linspace(0.05, 0.95, 20)
+    z = viz.gaussian_grid(20)
+    torch.testing.assert_close(z, 2 ** 0.5 * torch.erfinv(2 * u - 1))     # Φ⁻¹(u) = √2 erf⁻¹(2u − 1)
+    torch.testing.assert_close(z, -z.flip(0))
+
+
+def test_kl_per_dimension_sums_to_the_kl():
+    net = small_model("vae", "mlp", latent_dim=4)
+    x, y = fake_test_set()
+    mu, logvar = net.encode(x)
+    per_dim = viz.kl_per_dimension(net, x, y, n=len(x))
+    assert per_dim.shape == (4,) and (per_dim >= 0).all()
+    torch.testing.assert_close(per_dim.sum(), losses.kl_to_standard_normal(mu, logvar).mean())
+
+
+def test_loss_curves_with_and_without_the_train_terms(tmp_path):
+    with_val = [{**h, "val_neg_elbo": 1.0, "val_recon": 0.5, "val_kl": 0.5} for h in HISTORY]
+    for name, history in (("old", OLD_HISTORY), ("new", HISTORY), ("val", with_val), ("one", HISTORY[:1])):
+        viz.loss_curves(history, tmp_path / f"{name}.png", "VAE (mlp), MNIST")
+        assert is_png(tmp_path / f"{name}.png")
+
+
+@pytest.mark.parametrize("kind", ["vae", "cvae"])
+def test_anomaly_scores_average_to_the_test_neg_elbo_main_reports(kind):
+    import main
+    net = small_model(kind, "mlp", latent_dim=3)
+    x, y = fake_test_set()
+    scores = viz.neg_elbo_per_image(net, x, y, seed=3)
+    assert scores.shape == (64,) and (scores > 0).all()
+    assert scores.mean().item() == pytest.approx(main.evaluate(net, x, y, seed=3)["test_neg_elbo"], rel=1e-6)
