@@ -100,6 +100,37 @@ def load_mnist(data_dir, device, download=True):
     return load_split(data_dir, True, device), load_split(data_dir, False, device)
 
 
+def split_validation(train_set, val_size):
+    """(train, val): the last val_size training images become the validation set."""
+    x, y = train_set
+    if not 0 <= val_size < len(x):
+        raise DataError(f"--val-size {val_size} leaves no training images out of {len(x)}: "
+                        f"choose a value from 0 to {len(x) - 1}")
+    n = len(x) - val_size
+    return (x[:n], y[:n]), (x[n:], y[n:])
+
+
+# Binarized MNIST. A Bernoulli decoder is a likelihood only for pixels in {0, 1}: on grey pixels
+# the "log-likelihood" Σ x log σ(l) + (1 − x) log(1 − σ(l)) is a cross-entropy whose maximum is
+# below 0 and not a density over grey images, so papers binarize: each pixel of value g becomes 1
+# with probability g. Dynamic binarization draws anew every time a training image is used (a
+# regulariser, and the protocol of IWAE's Table 1); validation and test images are drawn once,
+# with a fixed seed, so every evaluation sees the same bits and test numbers are deterministic.
+BINARIZE_SEEDS = {"val": 101, "test": 102}     # independent of --seed: one test set for every run
+
+
+def binarize_once(x, split):
+    """x with each pixel drawn once ~ Bernoulli(pixel), from a fixed seed per split (on the CPU,
+    so the bits are the same on every device)."""
+    generator = torch.Generator().manual_seed(BINARIZE_SEEDS[split])
+    return torch.bernoulli(x.cpu(), generator=generator).to(x.device)
+
+
+def binarize_dynamic(x):
+    """A fresh draw of binary pixels for a training batch, from the global (seeded) random stream."""
+    return torch.bernoulli(x)
+
+
 def batches(x, y, batch_size, generator=None, max_batches=0):
     """Yield (x, y) batches; shuffled by `generator` (a seeded CPU torch.Generator) if given.
 

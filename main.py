@@ -8,7 +8,9 @@ Each run writes checkpoint.pt, metrics.json and its pictures into a new folder u
 """
 import argparse
 import dataclasses
+import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -30,25 +32,49 @@ import viz
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class Config:
+    # what to train
     model: str = field(default="both", metadata={"help": "vae, cvae, or both (the VAE, then the CVAE)"})
     arch: str = field(default="mlp", metadata={"help": "mlp (784-400-20) or conv (32-64-128 channels, 500 dense)"})
-    epochs: int = field(default=10, metadata={"help": "passes over the 60,000 training images"})
-    batch_size: int = field(default=128, metadata={"help": "images per Adam step"})
-    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
     latent_dim: int = field(default=20, metadata={"help": "size of the VAE's z"})
     cvae_latent_dim: int = field(default=2, metadata={"help": "size of the CVAE's z: small, so z holds the style "
                                                       "and y the class (README, 'Does the CVAE draw the digit asked for?')"})
-    hidden_dim: int = field(default=0, metadata={"help": "hidden units; 0 = the arch's default (mlp 400, conv 500)"})
+    hidden_dim: int = field(default=0, metadata={"help": "units per dense hidden layer; 0 = the arch's default (mlp 400, conv 500)"})
+    hidden_layers: int = field(default=1, metadata={"help": "dense hidden layers in the encoder and in the decoder "
+                                                    "(IWAE's MNIST model: 2 layers of 200, tanh)"})
+    activation: str = field(default="relu", metadata={"help": "relu or tanh, after every hidden layer"})
+    # how to train it
+    epochs: int = field(default=10, metadata={"help": "passes over the training images"})
+    batch_size: int = field(default=128, metadata={"help": "images per Adam step"})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (at the start of the schedule)"})
+    lr_schedule: str = field(default="constant", metadata={"help": "constant, cosine (to 0 at the last epoch), or iwae "
+                                                          "(lr * 10^(-i/7) for 3^i epochs, i = 0, 1, ...)"})
+    adam_eps: float = field(default=1e-8, metadata={"help": "Adam's epsilon (IWAE used 1e-4)"})
     beta: float = field(default=1.0, metadata={"help": "weight of the KL term in training; 1 = the true ELBO"})
+    warmup_epochs: int = field(default=0, metadata={"help": "KL warm-up: the KL weight rises from 0 to --beta over "
+                                                    "this many epochs; 0 = none"})
+    binarize: str = field(default="none", metadata={"help": "none (grey pixels, the PyTorch example) or dynamic "
+                                                    "(training pixels redrawn ~ Bernoulli each use; val/test drawn once)"})
+    val_size: int = field(default=10000, metadata={"help": "the last this-many training images validate (best "
+                                                   "checkpoint, early stopping) instead of training; 0 = none"})
+    patience: int = field(default=0, metadata={"help": "stop when the validation ELBO has not improved for this many "
+                                               "epochs; 0 = never"})
     seed: int = field(default=1, metadata={"help": "seeds initialisation, shuffling, z samples and pictures"})
+    # evaluation and housekeeping
+    iw_samples: int = field(default=100, metadata={"help": "K of the importance-weighted test log-likelihood at the "
+                                                   "end (papers: 5000); 0 = skip"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu or cuda"})
     data_dir: str = field(default="data", metadata={"help": "folder holding MNIST/raw/ (shipped in data/)"})
     out_dir: str = field(default="results", metadata={"help": "each run writes a new folder in here"})
     max_batches: int = field(default=0, metadata={"help": "stop each epoch after this many batches (smoke runs); 0 = all"})
-    eval: str = field(default="", metadata={"help": "path to a checkpoint.pt: evaluate and draw it, no training"})
+    eval: str = field(default="", metadata={"help": "path to a checkpoint (.pt): evaluate and draw it, no training"})
+    resume: str = field(default="", metadata={"help": "path to a run's checkpoint.pt: continue that run where it stopped"})
 
 
-CHOICES = {"model": ["vae", "cvae", "both"], "arch": ["mlp", "conv"], "device": ["auto", "cpu", "cuda"]}
+CHOICES = {"model": ["vae", "cvae", "both"], "arch": ["mlp", "conv"], "device": ["auto", "cpu", "cuda"],
+           "activation": ["relu", "tanh"], "lr_schedule": ["constant", "cosine", "iwae"],
+           "binarize": ["none", "dynamic"]}
+# A resumed run keeps its configuration; only these may change on the command line.
+RESUMABLE = {"resume", "epochs", "patience", "iw_samples", "device", "data_dir", "out_dir"}
 EVAL_BATCH_SIZE = 1000        # test-set batches; large is faster and changes no number
 
 
@@ -56,27 +82,43 @@ class UsageError(Exception):
     """Bad input from the user: main() prints the message on one line and exits with code 2."""
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def make_parser(with_defaults=True):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=None if with_defaults else argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=f.type,
-                            default=f.default, choices=CHOICES.get(f.name),
-                            help=f"{f.metadata['help']} (default: {f.default!r})")
+        parser.add_argument("--" + f.name.replace("_", "-"), type=f.type, choices=CHOICES.get(f.name),
+                            help=f"{f.metadata['help']} (default: {f.default!r})",
+                            **({"default": f.default} if with_defaults else {}))
     parser.error = lambda message: fail(f"{message} (see python main.py --help)")
-    return Config(**vars(parser.parse_args(argv)))
+    return parser
+
+
+def parse_args(argv=None):
+    """(Config, the names of the fields given on the command line)."""
+    cfg = Config(**vars(make_parser().parse_args(argv)))
+    return cfg, set(vars(make_parser(with_defaults=False).parse_args(argv)))
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
 
 
 def check_config(cfg):
-    for name in ("epochs", "batch_size", "latent_dim", "cvae_latent_dim"):
+    for name in ("epochs", "batch_size", "latent_dim", "cvae_latent_dim", "hidden_layers"):
         if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("hidden_dim", "max_batches"):
+            raise UsageError(f"{flag(name)} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("hidden_dim", "max_batches", "warmup_epochs", "val_size", "patience", "iw_samples"):
         if getattr(cfg, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
-    if not cfg.lr > 0:
-        raise UsageError(f"--lr must be a positive number, got {cfg.lr}")
+            raise UsageError(f"{flag(name)} must be 0 or more, got {getattr(cfg, name)}")
+    for name in ("lr", "adam_eps"):
+        if not getattr(cfg, name) > 0:
+            raise UsageError(f"{flag(name)} must be a positive number, got {getattr(cfg, name)}")
     if not cfg.beta >= 0:
         raise UsageError(f"--beta must be 0 or more, got {cfg.beta}")
+    if cfg.patience and not cfg.val_size:
+        raise UsageError("--patience needs a validation set: give --val-size a positive value")
+    if cfg.eval and cfg.resume:
+        raise UsageError("--eval and --resume exclude each other: evaluate a checkpoint, or continue its run")
 
 
 def pick_device(name):
@@ -115,8 +157,12 @@ def save_json(obj, path):
 
 
 # ------------------------------------------------------------------------------------------------
-# The objective, one training epoch, and the test-set evaluation
+# The objective, the schedules, one training epoch, and evaluation
 # ------------------------------------------------------------------------------------------------
+class Diverged(Exception):
+    """A non-finite loss or gradient: training stops, the last good checkpoint stays."""
+
+
 def elbo_terms(net, x, y):
     """(elbo, log_px, kl) per image, one z ~ q sampled per image: AEVB Eq. 10, or its conditional form."""
     if isinstance(net, models.CVAE):
@@ -126,33 +172,66 @@ def elbo_terms(net, x, y):
     return losses.elbo(x, x_logits, mu, logvar)
 
 
-def make_optimizer(net, lr):
+def make_optimizer(net, cfg):
     """Adam; the fused kernel updates all parameters in one call (about 10% of a CPU epoch saved)."""
-    return torch.optim.Adam(net.parameters(), lr=lr, fused=True)
+    return torch.optim.Adam(net.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=True)
 
 
-def train_epoch(net, optimizer, x, y, cfg, generator, desc):
-    """One pass over (x, y); returns the mean −ELBO (beta = 1) over the epoch's images, in nats."""
+def lr_at(cfg, epoch):
+    """The learning rate of `epoch` (1-based) under --lr-schedule."""
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / cfg.epochs))
+    if cfg.lr_schedule == "iwae":     # Burda et al. 2015, §5: 3^i epochs at lr * 10^(-i/7), i = 0..7
+        stage = next(i for i in itertools.count() if epoch <= (3 ** (i + 1) - 1) // 2)
+        return cfg.lr * 10 ** (-stage / 7)
+    return cfg.lr
+
+
+def kl_weight(cfg, step, steps_per_epoch):
+    """β of step `step` (0-based, counted over the run): linear warm-up from 0 to --beta."""
+    if not cfg.warmup_epochs:
+        return cfg.beta
+    return cfg.beta * min(1.0, step / (cfg.warmup_epochs * steps_per_epoch))
+
+
+def train_epoch(net, optimizer, x, y, cfg, generator, epoch):
+    """One pass over (x, y); returns the epoch's mean −ELBO (β = 1), −log p(x|z) and KL, in nats."""
     net.train()
-    total, count = torch.zeros((), device=x.device), 0
-    bar = tqdm(data.batches(x, y, cfg.batch_size, generator, cfg.max_batches),
-               total=data.n_batches(len(x), cfg.batch_size, cfg.max_batches), desc=desc, leave=False)
-    for step, (xb, yb) in enumerate(bar):
-        elbo, log_px, kl = elbo_terms(net, xb, yb)
-        loss = -(log_px - cfg.beta * kl).mean()          # beta = 1: the negated ELBO, per image
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += elbo.detach().sum().neg()
-        count += len(xb)
-        if step % 50 == 0:
-            bar.set_postfix_str(f"-ELBO {-elbo.mean().item():.1f}", refresh=False)
-    return total.item() / count
+    sums, count = torch.zeros(3, device=x.device), 0
+    steps = data.n_batches(len(x), cfg.batch_size, cfg.max_batches)
+    with tqdm(data.batches(x, y, cfg.batch_size, generator, cfg.max_batches),
+              total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False) as bar:   # closed on errors too
+        for step, (xb, yb) in enumerate(bar):
+            if cfg.binarize == "dynamic":
+                xb = data.binarize_dynamic(xb)
+            elbo, log_px, kl = elbo_terms(net, xb, yb)
+            loss = -(log_px - kl_weight(cfg, (epoch - 1) * steps + step, steps) * kl).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            check_finite(net, loss, epoch, step, cfg)
+            optimizer.step()
+            sums += torch.stack([-elbo.sum(), -log_px.sum(), kl.sum()]).detach()
+            count += len(xb)
+            if step % 50 == 0:
+                bar.set_postfix_str(f"-ELBO {-elbo.mean().item():.1f}", refresh=False)
+    neg_elbo, recon, kl = (sums / count).tolist()
+    return {"train_neg_elbo": neg_elbo, "train_recon": recon, "train_kl": kl}
+
+
+def check_finite(net, loss, epoch, step, cfg):
+    """The NaN guard: stop before a non-finite loss or gradient reaches the weights."""
+    grad_norm = torch.stack([p.grad.norm() for p in net.parameters() if p.grad is not None]).norm()
+    if torch.isfinite(loss + grad_norm):      # one check, one device sync
+        return
+    what = "loss" if not torch.isfinite(loss) else "gradient"
+    raise Diverged(f"the {what} became {(loss + grad_norm).item()} at epoch {epoch}, batch {step + 1}: "
+                   f"the run diverged, most likely the learning rate (--lr {cfg.lr:g}) is too high; "
+                   f"lower it, or try --warmup-epochs")
 
 
 @torch.no_grad()
-def evaluate(net, x, y, seed, max_batches=0):
-    """Test −ELBO and its two terms, nats per image; z sampled once per image, seeded."""
+def evaluate(net, x, y, seed, max_batches=0, prefix="test"):
+    """−ELBO and its two terms, nats per image, on (x, y); z sampled once per image, seeded."""
     net.eval()
     sums = torch.zeros(3, device=x.device)
     count = 0
@@ -162,7 +241,7 @@ def evaluate(net, x, y, seed, max_batches=0):
             sums += torch.stack([-elbo.sum(), -log_px.sum(), kl.sum()])
             count += len(xb)
     neg_elbo, recon, kl = (sums / count).tolist()
-    return {"test_neg_elbo": neg_elbo, "test_recon": recon, "test_kl": kl}
+    return {f"{prefix}_neg_elbo": neg_elbo, f"{prefix}_recon": recon, f"{prefix}_kl": kl}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,116 +304,275 @@ def sample_accuracy(net, classifier, seed, n_per_class=100):
 
 
 # ------------------------------------------------------------------------------------------------
-# Pictures, checkpoints, and the two ways in: train a model, or evaluate a checkpoint
+# The final report: importance-weighted log-likelihood [IWAE], collapse diagnostics, sample accuracy
 # ------------------------------------------------------------------------------------------------
-def draw(net, test, history, run_dir, seed, title):
+@torch.no_grad()
+def test_nll(net, x, y, k, seed, max_batches=0):
+    """The test set's mean −log p(x) (CVAE: −log p(x|y)) in nats, from the k-sample importance-
+    weighted bound L_k [IWAE §3], which approaches log p(x) from below as k grows."""
+    net.eval()
+    total = 0.0
+    with models.seeded(x.device, seed):
+        for xb, yb in data.batches(x, y, EVAL_BATCH_SIZE, max_batches=max_batches):
+            if isinstance(net, models.CVAE):     # z arrives sample-major: (s * n, latent_dim)
+                log_px = losses.iw_log_px(xb, lambda v: net.encode(v, yb),
+                                          lambda z: net.decode(z, yb.repeat(len(z) // len(yb))), k)
+            else:
+                log_px = losses.iw_log_px(xb, net.encode, net.decode, k)
+            total += log_px.sum().item()
+    return -total / min(len(x), max_batches * EVAL_BATCH_SIZE or len(x))
+
+
+@torch.no_grad()
+def latent_diagnostics(net, x, y, max_batches=0):
+    """KL per latent dimension (test mean) and the active units of Burda et al. 2015 (§5.2)."""
+    net.eval()
+    mus, kls = [], []
+    for xb, yb in data.batches(x, y, EVAL_BATCH_SIZE, max_batches=max_batches):
+        mu, logvar = net.encode(xb, yb) if isinstance(net, models.CVAE) else net.encode(xb)
+        mus.append(mu)
+        kls.append(losses.kl_per_dim(mu, logvar))
+    n_active, variance = losses.active_units(torch.cat(mus))
+    return {"active_units": n_active, "unit_variance": variance.tolist(),
+            "kl_per_dim": torch.cat(kls).mean(0).tolist()}
+
+
+def final_report(net, cfg, epoch, sets, judge):
+    """Test −ELBO, NLL (nats and bits/dim), diagnostics and, for the CVAE, sample accuracy."""
+    _, _, (x_test, y_test) = sets
+    report = {"epoch": epoch, **evaluate(net, x_test, y_test, cfg.seed, cfg.max_batches)}
+    if cfg.iw_samples:
+        nll = test_nll(net, x_test, y_test, cfg.iw_samples, cfg.seed, cfg.max_batches)
+        report.update(iw_samples=cfg.iw_samples, test_nll=nll, test_bits_per_dim=losses.bits_per_dim(nll))
+    report.update(latent_diagnostics(net, x_test, y_test, cfg.max_batches))
+    line = f"test (epoch {epoch}): -ELBO {report['test_neg_elbo']:.2f}"
+    if cfg.iw_samples:
+        line += f", NLL {report['test_nll']:.2f} nats = {report['test_bits_per_dim']:.4f} bits/dim (K = {cfg.iw_samples})"
+    print(f"{line}, active units {report['active_units']}/{len(report['kl_per_dim'])}")
+    if isinstance(net, models.CVAE) and judge is not None:
+        classifier, judge_accuracy = judge
+        accuracy = sample_accuracy(net, classifier, cfg.seed)
+        report["sample_accuracy"] = {**accuracy, "classifier_test_accuracy": judge_accuracy}
+        print(f"samples labelled as the digit asked for: {100 * accuracy['overall']:.1f}% (per digit "
+              f"{' '.join(f'{100 * a:.0f}' for a in accuracy['per_digit'])}; judge's test accuracy "
+              f"{100 * judge_accuracy:.2f}%)")
+    return report
+
+
+# ------------------------------------------------------------------------------------------------
+# Data, pictures, checkpoints, and the three ways in: train, resume, or evaluate a checkpoint
+# ------------------------------------------------------------------------------------------------
+def load_sets(cfg, device):
+    """(train, val, test) tensors; with --binarize dynamic, val and test binarized once, here."""
+    train_set, test_set = data.load_mnist(cfg.data_dir, device)
+    train_set, val_set = data.split_validation(train_set, cfg.val_size)
+    if cfg.binarize == "dynamic":
+        val_set = (data.binarize_once(val_set[0], "val"), val_set[1])
+        test_set = (data.binarize_once(test_set[0], "test"), test_set[1])
+    return train_set, val_set, test_set
+
+
+def draw(net, test, history, report, run_dir, seed):
+    """Every picture of the model into run_dir: grids, the gallery of viz.py, the KL per dimension."""
     x_test, y_test = test
     net.eval()
     viz.reconstruction_grid(net, x_test, y_test, run_dir / "reconstructions.png")
     viz.sample_grid(net, run_dir / "samples.png", seed=seed)
     if isinstance(net, models.CVAE):
         viz.samples_by_class(net, run_dir / "samples_by_class.png", seed=seed)
-    if history:
-        viz.loss_curves(history, run_dir / "loss_curves.png", title)
+    viz.gallery(net, x_test, y_test, history, run_dir, seed)
+    viz.kl_bars(report["kl_per_dim"], report["unit_variance"], run_dir / "kl_per_dim.png", viz.model_title(net))
 
 
-def save_checkpoint(net, optimizer, cfg, epoch, history, path):
+def save_checkpoint(net, optimizer, cfg, epoch, history, generator, path):
+    """A plain dict: weights, optimizer, configuration, epoch, metrics so far and the random states
+    that make a resumed run continue exactly as the uninterrupted one would have."""
+    rng = {"torch": torch.get_rng_state(), "shuffle": generator.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
     ckpt = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
             "model_args": models.model_args(net), "config": dataclasses.asdict(cfg),
-            "epoch": epoch, "history": history}
+            "epoch": epoch, "history": history, "rng": rng}
     save_atomic(lambda p: torch.save(ckpt, p), path)
 
 
-def train(kind, cfg, device, train_set, test_set):
-    """Train one model (kind 'vae' or 'cvae') and write its run folder; returns the folder."""
-    torch.manual_seed(cfg.seed)
-    latent_dim = cfg.cvae_latent_dim if kind == "cvae" else cfg.latent_dim
-    net = models.build_model(kind, cfg.arch, latent_dim, cfg.hidden_dim).to(device)
-    optimizer = make_optimizer(net, cfg.lr)
-    generator = torch.Generator().manual_seed(cfg.seed)          # the shuffling order
-    run_dir = make_run_dir(cfg.out_dir, f"{kind}-{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_cfg = dataclasses.replace(cfg, model=kind)
-    print(f"{kind.upper()} ({cfg.arch}, latent {latent_dim}) on {device}: writing {run_dir}")
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
-        start = time.perf_counter()
-        train_neg_elbo = train_epoch(net, optimizer, *train_set, cfg, generator, f"epoch {epoch}/{cfg.epochs}")
-        seconds = time.perf_counter() - start
-        row = {"epoch": epoch, "train_neg_elbo": train_neg_elbo,
-               **evaluate(net, *test_set, cfg.seed, cfg.max_batches), "train_seconds": seconds}
-        history.append(row)
-        print(f"epoch {epoch:3d}  train -ELBO {train_neg_elbo:8.2f}  test -ELBO {row['test_neg_elbo']:8.2f}"
-              f"  = recon {row['test_recon']:7.2f} + KL {row['test_kl']:6.2f}   ({seconds:.1f} s)")
-        save_checkpoint(net, optimizer, run_cfg, epoch, history, run_dir / "checkpoint.pt")
-        save_json({"config": dataclasses.asdict(run_cfg), "model_args": models.model_args(net),
-                   "epochs": history}, run_dir / "metrics.json")
-    draw(net, test_set, history, run_dir, cfg.seed, f"{kind.upper()} ({cfg.arch}), MNIST")
-    if kind == "cvae" and not cfg.max_batches:     # a smoke run's data would make a poor judge
-        report_sample_accuracy(net, cfg, train_set, test_set, run_dir / "metrics.json")
-    return run_dir
-
-
-def report_sample_accuracy(net, cfg, train_set, test_set, metrics_path):
-    """Add to metrics.json how often the CVAE's samples of digit d are labelled d by the classifier."""
-    classifier, judge_accuracy = load_classifier(cfg.data_dir, train_set, test_set, cfg.seed)
-    accuracy = sample_accuracy(net, classifier, cfg.seed)
-    print(f"samples labelled as the digit asked for: {100 * accuracy['overall']:.1f}% (per digit "
-          f"{' '.join(f'{100 * a:.0f}' for a in accuracy['per_digit'])}; judge's test accuracy "
-          f"{100 * judge_accuracy:.2f}%)")
-    metrics = json.loads(metrics_path.read_text())
-    metrics["sample_accuracy"] = {**accuracy, "classifier_test_accuracy": judge_accuracy}
-    save_json(metrics, metrics_path)
-
-
-def load_for_eval(path, device):
+def read_checkpoint(path, device):
+    """The checkpoint dict and the model it holds, or a UsageError that says what is wrong."""
     if not Path(path).is_file():
-        raise UsageError(f"no checkpoint at {path}: pass the path of a checkpoint.pt written by main.py")
+        raise UsageError(f"no checkpoint at {path}: pass the path of a .pt file written by main.py")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
         net = models.build_model(**ckpt["model_args"]).to(device)
-        net.load_state_dict(ckpt["model"])
     except Exception as err:
-        raise UsageError(f"{path} is not a usable checkpoint of this project "
+        raise UsageError(f"{path} is not a usable checkpoint of this project, it may be truncated "
                          f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    try:
+        models.load_state(net, ckpt["model"])
+    except ValueError as err:
+        raise UsageError(f"{path}: {err}") from None
     return net.eval(), ckpt
 
 
-def evaluate_checkpoint(cfg, net, ckpt, test_set):
-    """--eval: test metrics and pictures of a saved model, in a new run folder."""
-    args = ckpt["model_args"]
-    run_dir = make_run_dir(cfg.out_dir, f"eval-{args['model']}-{args['arch']}-{time.strftime('%Y%m%d-%H%M%S')}")
-    metrics = evaluate(net, *test_set, cfg.seed, cfg.max_batches)
-    print(f"{cfg.eval} (epoch {ckpt.get('epoch')}): test -ELBO {metrics['test_neg_elbo']:.2f} = recon "
-          f"{metrics['test_recon']:.2f} + KL {metrics['test_kl']:.2f}; writing {run_dir}")
-    save_json({"checkpoint": str(cfg.eval), "config": ckpt.get("config"), "model_args": args,
-               "eval": metrics, "epochs": ckpt.get("history", [])}, run_dir / "metrics.json")
-    draw(net, test_set, ckpt.get("history"), run_dir, cfg.seed, f"{args['model'].upper()} ({args['arch']}), MNIST")
+def resume_config(cfg, given, ckpt):
+    """The resumed run's configuration: the checkpoint's, with only RESUMABLE flags changed."""
+    saved = Config(**{**dataclasses.asdict(Config()), **ckpt["config"]})
+    for name in sorted(given - RESUMABLE):
+        if getattr(cfg, name) != getattr(saved, name):
+            raise UsageError(f"{flag(name)} {getattr(cfg, name)} differs from the resumed run's "
+                             f"{getattr(saved, name)}; a resumed run keeps its configuration "
+                             f"(only {', '.join(sorted(flag(n) for n in RESUMABLE - {'resume'}))} may change)")
+    return dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given & RESUMABLE}, eval="")
+
+
+def train(kind, cfg, device, sets, resume=None):
+    """Train one model (kind 'vae' or 'cvae') and write its run folder; returns the folder.
+    With resume = (net, ckpt, run_dir), continue that run from the epoch after the checkpoint's."""
+    train_set, val_set, test_set = sets
+    torch.manual_seed(cfg.seed)
+    latent_dim = cfg.cvae_latent_dim if kind == "cvae" else cfg.latent_dim
+    net = models.build_model(kind, cfg.arch, latent_dim, cfg.hidden_dim, cfg.hidden_layers, cfg.activation).to(device)
+    optimizer = make_optimizer(net, cfg)
+    generator = torch.Generator().manual_seed(cfg.seed)          # the shuffling order
+    run_cfg = dataclasses.replace(cfg, model=kind, resume="")
+    history, first = [], 1
+    if resume:
+        saved_net, ckpt, run_dir = resume
+        net.load_state_dict(saved_net.state_dict())
+        optimizer.load_state_dict(ckpt["optimizer"])
+        history, first = ckpt["history"], ckpt["epoch"] + 1
+        restore_rng(ckpt["rng"], generator)
+        print(f"resuming {run_dir} after epoch {ckpt['epoch']}")
+    else:
+        run_dir = make_run_dir(cfg.out_dir, f"{kind}-{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(f"{kind.upper()} ({cfg.arch}, latent {latent_dim}) on {device}: writing {run_dir}")
+    try:
+        for epoch in range(first, cfg.epochs + 1):
+            if stop_early(history, cfg):
+                print(f"early stop: no better validation ELBO in the last {cfg.patience} epochs")
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(cfg, epoch)
+            history.append(train_and_evaluate(net, optimizer, cfg, sets, generator, epoch))
+            if cfg.val_size and history[-1]["val_neg_elbo"] <= min(h["val_neg_elbo"] for h in history):
+                save_checkpoint(net, optimizer, run_cfg, epoch, history, generator, run_dir / "best.pt")
+            save_checkpoint(net, optimizer, run_cfg, epoch, history, generator, run_dir / "checkpoint.pt")
+            save_json({"config": dataclasses.asdict(run_cfg), "model_args": models.model_args(net),
+                       "epochs": history}, run_dir / "metrics.json")
+    except KeyboardInterrupt:
+        hint = f"; continue with: python main.py --resume {run_dir / 'checkpoint.pt'}" if history else ""
+        raise Interrupted(f"interrupted: {last_good(run_dir, history)}{hint}") from None
+    except Diverged as err:
+        raise Diverged(f"{err}; {last_good(run_dir, history)}") from None
+    finish(net, kind, cfg, run_cfg, history, sets, run_dir)
     return run_dir
 
 
-def run(cfg):
+def last_good(run_dir, history):
+    if not history:
+        return "no epoch had finished, so there is no checkpoint"
+    return f"the last good checkpoint, {run_dir / 'checkpoint.pt'}, holds epoch {history[-1]['epoch']}"
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training: the last finished epoch's checkpoint is on disk."""
+
+
+def restore_rng(rng, generator):
+    torch.set_rng_state(rng["torch"].cpu())
+    generator.set_state(rng["shuffle"].cpu())
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state.cpu() for state in rng["cuda"]])
+
+
+def stop_early(history, cfg):
+    if not (cfg.patience and history):
+        return False
+    best = min(range(len(history)), key=lambda i: history[i]["val_neg_elbo"])
+    return len(history) - 1 - best >= cfg.patience
+
+
+def train_and_evaluate(net, optimizer, cfg, sets, generator, epoch):
+    """One epoch of training, then the validation and test ELBO; prints and returns the epoch's row."""
+    train_set, val_set, test_set = sets
+    start = time.perf_counter()
+    row = {"epoch": epoch, **train_epoch(net, optimizer, *train_set, cfg, generator, epoch)}
+    row["train_seconds"] = time.perf_counter() - start
+    if cfg.val_size:
+        row.update(evaluate(net, *val_set, cfg.seed, cfg.max_batches, prefix="val"))
+    row.update(evaluate(net, *test_set, cfg.seed, cfg.max_batches))
+    val = f"  val {row['val_neg_elbo']:8.2f}" if cfg.val_size else ""
+    print(f"epoch {epoch:3d}  train -ELBO {row['train_neg_elbo']:8.2f}{val}  test -ELBO {row['test_neg_elbo']:8.2f}"
+          f"  = recon {row['test_recon']:7.2f} + KL {row['test_kl']:6.2f}   ({row['train_seconds']:.1f} s)")
+    return row
+
+
+def finish(net, kind, cfg, run_cfg, history, sets, run_dir):
+    """Report on the best model by validation ELBO (the last one without a validation set), draw it."""
+    epoch = len(history)
+    if cfg.val_size:
+        best, _ = read_checkpoint(run_dir / "best.pt", next(net.parameters()).device)
+        net.load_state_dict(best.state_dict())
+        epoch = min(history, key=lambda h: h["val_neg_elbo"])["epoch"]
+    judge = load_classifier(cfg.data_dir, sets[0], sets[2], cfg.seed) if kind == "cvae" and not cfg.max_batches else None
+    report = final_report(net, cfg, epoch, sets, judge)     # a smoke run's data would make a poor judge
+    save_json({"config": dataclasses.asdict(run_cfg), "model_args": models.model_args(net),
+               "epochs": history, "final": report}, run_dir / "metrics.json")
+    draw(net, sets[2], history, report, run_dir, cfg.seed)
+
+
+def evaluate_checkpoint(cfg, net, ckpt):
+    """--eval: test metrics and pictures of a saved model, in a new run folder."""
+    args = ckpt["model_args"]
+    saved = Config(**{**dataclasses.asdict(Config()), **ckpt.get("config", {})})
+    run_cfg = dataclasses.replace(cfg, binarize=saved.binarize, val_size=0)   # the model's test protocol
+    sets = load_sets(run_cfg, next(net.parameters()).device)
+    run_dir = make_run_dir(cfg.out_dir, f"eval-{args['model']}-{args['arch']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(f"{cfg.eval} (epoch {ckpt.get('epoch')}): writing {run_dir}")
+    judge = load_classifier(cfg.data_dir, sets[0], sets[2], cfg.seed) if args["model"] == "cvae" else None
+    report = final_report(net, run_cfg, ckpt.get("epoch"), sets, judge)
+    save_json({"checkpoint": str(cfg.eval), "config": ckpt.get("config"), "model_args": args,
+               "eval": report, "epochs": ckpt.get("history", [])}, run_dir / "metrics.json")
+    draw(net, sets[2], ckpt.get("history"), report, run_dir, cfg.seed)
+    return run_dir
+
+
+def run(cfg, given=frozenset()):
     check_config(cfg)
     device = pick_device(cfg.device)
     if cfg.eval:
-        net, ckpt = load_for_eval(cfg.eval, device)     # refuse a bad checkpoint before loading data
-        _, test_set = data.load_mnist(cfg.data_dir, device)
-        return [evaluate_checkpoint(cfg, net, ckpt, test_set)]
-    train_set, test_set = data.load_mnist(cfg.data_dir, device)
+        net, ckpt = read_checkpoint(cfg.eval, device)      # refuse a bad checkpoint before loading data
+        return [evaluate_checkpoint(cfg, net, ckpt)]
+    if cfg.resume:
+        net, ckpt = read_checkpoint(cfg.resume, device)
+        if "rng" not in ckpt or "optimizer" not in ckpt:
+            raise UsageError(f"{cfg.resume} is not a run's checkpoint.pt (best.pt and old checkpoints "
+                             f"cannot resume): pass RUN/checkpoint.pt")
+        run_dir = Path(cfg.resume).parent
+        cfg = resume_config(cfg, given, ckpt)
+        check_config(cfg)
+        return [train(cfg.model, cfg, device, load_sets(cfg, device), (net, ckpt, run_dir))]
+    sets = load_sets(cfg, device)
     kinds = ["vae", "cvae"] if cfg.model == "both" else [cfg.model]
-    return [train(kind, cfg, device, train_set, test_set) for kind in kinds]
+    return [train(kind, cfg, device, sets) for kind in kinds]
 
 
-def fail(message):
+def fail(message, code=2):
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
+    cfg, given = parse_args(argv)
     try:
-        run(cfg)
+        run(cfg, given)
     except (UsageError, data.DataError) as err:
         fail(str(err))
+    except Diverged as err:
+        fail(str(err), code=1)
+    except Interrupted as err:
+        fail(str(err), code=130)
+    except KeyboardInterrupt:
+        fail("interrupted after training: every finished epoch's checkpoint is saved", code=130)
 
 
 if __name__ == "__main__":

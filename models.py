@@ -22,38 +22,52 @@ DEFAULT_HIDDEN_DIM = {"mlp": 400, "conv": 500}   # AEVB's MNIST MLP / the conv m
 # Bodies: the networks between the input and the Gaussian heads, and between z and the logits.
 # `label_dim` is the size of the one-hot label joined to the encoder input: 0 for the VAE, 10
 # for the CVAE (10 extra inputs to the MLP, 10 extra input planes to the conv net).
+# `hidden_layers` dense layers of `hidden_dim` units each: 1 is AEVB's MNIST model, 2 with tanh
+# and 200 units is IWAE's (784-200-200-50).
 # ---------------------------------------------------------------------------------------------
-def mlp_encoder(hidden_dim, label_dim=0):
-    """x (n, 1, 28, 28), or (n, 784 + label_dim) flat -> h (n, hidden_dim). One hidden layer, as AEVB's."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(X_DIM + label_dim, hidden_dim), nn.ReLU())
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 
-def mlp_decoder(in_dim, hidden_dim):
+def dense_stack(in_dim, hidden_dim, hidden_layers, activation):
+    """hidden_layers x (Linear -> activation), the first from in_dim, the rest hidden_dim wide."""
+    dims = [in_dim] + [hidden_dim] * hidden_layers
+    layers = [[nn.Linear(d_in, d_out), ACTIVATIONS[activation]()] for d_in, d_out in zip(dims, dims[1:])]
+    return [module for pair in layers for module in pair]
+
+
+def mlp_encoder(hidden_dim, label_dim=0, hidden_layers=1, activation="relu"):
+    """x (n, 1, 28, 28), or (n, 784 + label_dim) flat -> h (n, hidden_dim)."""
+    return nn.Sequential(nn.Flatten(), *dense_stack(X_DIM + label_dim, hidden_dim, hidden_layers, activation))
+
+
+def mlp_decoder(in_dim, hidden_dim, hidden_layers=1, activation="relu"):
     """z (n, in_dim) -> x_logits (n, 1, 28, 28)."""
     return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim), nn.ReLU(),
+        *dense_stack(in_dim, hidden_dim, hidden_layers, activation),
         nn.Linear(hidden_dim, X_DIM), nn.Unflatten(1, IMAGE_SHAPE),
     )
 
 
-def conv_encoder(hidden_dim, label_dim=0):
+def conv_encoder(hidden_dim, label_dim=0, hidden_layers=1, activation="relu"):
     """x (n, 1 + label_dim, 28, 28) -> h (n, hidden_dim): two stride-2 convolutions, 28 -> 14 -> 7."""
+    act = ACTIVATIONS[activation]
     return nn.Sequential(
-        nn.Conv2d(1 + label_dim, 32, 4, stride=2, padding=1), nn.ReLU(),   # (n, 32, 14, 14)
-        nn.Conv2d(32, 64, 4, stride=2, padding=1), nn.ReLU(),            # (n, 64, 7, 7)
-        nn.Conv2d(64, 128, 3, stride=1, padding=1), nn.ReLU(),           # (n, 128, 7, 7)
-        nn.Flatten(), nn.Linear(128 * 7 * 7, hidden_dim), nn.ReLU(),     # (n, hidden_dim)
+        nn.Conv2d(1 + label_dim, 32, 4, stride=2, padding=1), act(),   # (n, 32, 14, 14)
+        nn.Conv2d(32, 64, 4, stride=2, padding=1), act(),              # (n, 64, 7, 7)
+        nn.Conv2d(64, 128, 3, stride=1, padding=1), act(),             # (n, 128, 7, 7)
+        nn.Flatten(), *dense_stack(128 * 7 * 7, hidden_dim, hidden_layers, activation),  # (n, hidden_dim)
     )
 
 
-def conv_decoder(in_dim, hidden_dim):
+def conv_decoder(in_dim, hidden_dim, hidden_layers=1, activation="relu"):
     """z (n, in_dim) -> x_logits (n, 1, 28, 28): the encoder mirrored with transposed convolutions."""
+    act = ACTIVATIONS[activation]
     return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim), nn.ReLU(),
-        nn.Linear(hidden_dim, 128 * 7 * 7), nn.ReLU(), nn.Unflatten(1, (128, 7, 7)),
-        nn.ConvTranspose2d(128, 64, 3, stride=1, padding=1), nn.ReLU(),   # (n, 64, 7, 7)
-        nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1), nn.ReLU(),    # (n, 32, 14, 14)
-        nn.ConvTranspose2d(32, 1, 4, stride=2, padding=1),                # (n, 1, 28, 28) logits
+        *dense_stack(in_dim, hidden_dim, hidden_layers, activation),
+        nn.Linear(hidden_dim, 128 * 7 * 7), act(), nn.Unflatten(1, (128, 7, 7)),
+        nn.ConvTranspose2d(128, 64, 3, stride=1, padding=1), act(),   # (n, 64, 7, 7)
+        nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1), act(),    # (n, 32, 14, 14)
+        nn.ConvTranspose2d(32, 1, 4, stride=2, padding=1),            # (n, 1, 28, 28) logits
     )
 
 
@@ -76,24 +90,28 @@ def seeded(device, seed):
         yield
 
 
-def check_arch(arch):
+def check_arch(arch, activation="relu"):
     if arch not in BODIES:
         raise ValueError(f"unknown architecture {arch!r}: use one of {sorted(BODIES)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}: use one of {sorted(ACTIVATIONS)}")
 
 
 # ---------------------------------------------------------------------------------------------
 # The two models. Same shape of code; the CVAE's label enters visibly in encode and decode.
 # ---------------------------------------------------------------------------------------------
 class VAE(nn.Module):
-    def __init__(self, arch="mlp", latent_dim=20, hidden_dim=400):
+    def __init__(self, arch="mlp", latent_dim=20, hidden_dim=400, hidden_layers=1, activation="relu"):
         super().__init__()
-        check_arch(arch)
+        check_arch(arch, activation)
         make_encoder, make_decoder = BODIES[arch]
         self.arch, self.latent_dim, self.hidden_dim = arch, latent_dim, hidden_dim
-        self.encoder = make_encoder(hidden_dim)
+        self.hidden_layers, self.activation = hidden_layers, activation
+        body = {"hidden_layers": hidden_layers, "activation": activation}
+        self.encoder = make_encoder(hidden_dim, **body)
         self.enc_mu = nn.Linear(hidden_dim, latent_dim)        # mean of q(z|x)
         self.enc_logvar = nn.Linear(hidden_dim, latent_dim)    # log σ² of q(z|x)
-        self.decoder = make_decoder(latent_dim, hidden_dim)    # logits of p(x|z)
+        self.decoder = make_decoder(latent_dim, hidden_dim, **body)    # logits of p(x|z)
 
     def encode(self, x):
         """q(z|x): x (n, 1, 28, 28) in [0, 1] -> (mu, logvar), each (n, latent_dim)."""
@@ -117,16 +135,19 @@ class VAE(nn.Module):
 
 
 class CVAE(nn.Module):
-    def __init__(self, arch="mlp", latent_dim=20, hidden_dim=400, n_classes=N_CLASSES):
+    def __init__(self, arch="mlp", latent_dim=20, hidden_dim=400, hidden_layers=1, activation="relu",
+                 n_classes=N_CLASSES):
         super().__init__()
-        check_arch(arch)
+        check_arch(arch, activation)
         make_encoder, make_decoder = BODIES[arch]
         self.arch, self.latent_dim, self.hidden_dim = arch, latent_dim, hidden_dim
+        self.hidden_layers, self.activation = hidden_layers, activation
         self.n_classes = n_classes
-        self.encoder = make_encoder(hidden_dim, label_dim=n_classes)    # sees x and y
+        body = {"hidden_layers": hidden_layers, "activation": activation}
+        self.encoder = make_encoder(hidden_dim, label_dim=n_classes, **body)    # sees x and y
         self.enc_mu = nn.Linear(hidden_dim, latent_dim)                 # mean of q(z|x, y)
         self.enc_logvar = nn.Linear(hidden_dim, latent_dim)             # log σ² of q(z|x, y)
-        self.decoder = make_decoder(latent_dim + n_classes, hidden_dim)  # logits of p(x|y, z)
+        self.decoder = make_decoder(latent_dim + n_classes, hidden_dim, **body)  # logits of p(x|y, z)
 
     def one_hot(self, y):
         return F.one_hot(y, self.n_classes).float()                     # (n, n_classes)
@@ -168,23 +189,39 @@ class CVAE(nn.Module):
 MODELS = {"vae": VAE, "cvae": CVAE}
 
 
-def build_model(model, arch, latent_dim, hidden_dim):
+def build_model(model, arch, latent_dim, hidden_dim, hidden_layers=1, activation="relu"):
     """The model named `model` ('vae' or 'cvae'); hidden_dim 0 means the arch's default."""
     hidden_dim = hidden_dim or DEFAULT_HIDDEN_DIM[arch]
-    return MODELS[model](arch=arch, latent_dim=latent_dim, hidden_dim=hidden_dim)
+    return MODELS[model](arch=arch, latent_dim=latent_dim, hidden_dim=hidden_dim,
+                         hidden_layers=hidden_layers, activation=activation)
 
 
 def model_args(net):
     """The arguments that rebuild `net` with build_model, stored in every checkpoint."""
     kind = "cvae" if isinstance(net, CVAE) else "vae"
-    return {"model": kind, "arch": net.arch, "latent_dim": net.latent_dim, "hidden_dim": net.hidden_dim}
+    return {"model": kind, "arch": net.arch, "latent_dim": net.latent_dim, "hidden_dim": net.hidden_dim,
+            "hidden_layers": net.hidden_layers, "activation": net.activation}
+
+
+def load_state(net, state):
+    """net.load_state_dict(state), with an error that names the tensors whose shapes differ."""
+    own = net.state_dict()
+    differ = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if differ or missing or extra:
+        raise ValueError("the checkpoint holds another architecture: "
+                         + "; ".join(differ[:3] + [f"missing {missing[:3]}"] * bool(missing)
+                                     + [f"unexpected {extra[:3]}"] * bool(extra))
+                         + " (checkpoint vs model)")
+    net.load_state_dict(state)
 
 
 def load_checkpoint(path, map_location="cpu"):
     """The trained model stored in a checkpoint written by main.py, in eval mode, ready to sample."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     net = build_model(**ckpt["model_args"])
-    net.load_state_dict(ckpt["model"])
+    load_state(net, ckpt["model"])
     device = next(iter(ckpt["model"].values())).device     # wherever map_location put the weights
     return net.to(device).eval()
 

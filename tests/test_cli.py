@@ -1,6 +1,7 @@
 """main.py end to end, on tiny IDX files the tests write: training through a subprocess (the
 real command line), everything else through main.main(argv) in this process, which is faster."""
 import json
+import math
 import subprocess
 import sys
 
@@ -31,9 +32,7 @@ def main_in_process(capsys, *args):
 
 
 def check_run_folder(run_dir, kind, epochs):
-    expected = {"checkpoint.pt", "metrics.json", "reconstructions.png", "samples.png", "loss_curves.png"}
-    if kind == "cvae":
-        expected.add("samples_by_class.png")
+    expected = {"checkpoint.pt", "best.pt", "metrics.json"} | pictures(kind)
     assert {p.name for p in run_dir.iterdir()} == expected
     for png in run_dir.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 500
@@ -48,28 +47,46 @@ def check_run_folder(run_dir, kind, epochs):
         assert row["test_recon"] > 0 and row["test_kl"] >= 0
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert set(ckpt) >= {"model", "optimizer", "config", "epoch"} and ckpt["epoch"] == epochs
+    check_report(metrics["final"], kind)
     return metrics
+
+
+def check_report(report, kind):
+    """The end-of-run report on the test set: NLL in nats and bits/dim, active units, KL per dim."""
+    assert report["test_nll"] > 0
+    assert report["test_bits_per_dim"] == pytest.approx(report["test_nll"] / (784 * math.log(2)))
+    assert 0 <= report["active_units"] <= len(report["kl_per_dim"]) == len(report["unit_variance"])
+    assert sum(report["kl_per_dim"]) == pytest.approx(report["test_kl"], rel=0.05)
+    if kind == "cvae":
+        accuracy = report["sample_accuracy"]
+        assert 0 <= accuracy["overall"] <= 1 and len(accuracy["per_digit"]) == 10
+
+
+def pictures(kind):
+    """The pictures of a run with the VAE's latent 3 and the CVAE's latent 2 (which adds the manifold)."""
+    names = {"reconstructions.png", "samples.png", "loss_curves.png", "kl_per_dim.png", "latent_space.png",
+             "interpolations.png", "traversals.png", "completions.png", "anomaly_histogram.png",
+             "least_likely.png"}
+    return names | ({"samples_by_class.png", "analogies.png", "manifold.png"} if kind == "cvae" else set())
 
 
 @pytest.mark.parametrize("kind,arch", PAIRS)
 def test_train_then_eval_writes_every_output(tiny_mnist, tmp_path, capsys, kind, arch):
     out = tmp_path / "results"
-    result = run_main("--model", kind, "--arch", arch, "--epochs", 2, "--batch-size", 32,
-                      "--latent-dim", 3, "--cvae-latent-dim", 3, "--data-dir", tiny_mnist, "--out-dir", out)
+    result = run_main("--model", kind, "--arch", arch, "--epochs", 2, "--batch-size", 32, "--val-size", 16,
+                      "--iw-samples", 4, "--latent-dim", 3, "--cvae-latent-dim", 2, "--data-dir", tiny_mnist,
+                      "--out-dir", out)
     assert result.returncode == 0, result.stderr
     (run_dir,) = out.iterdir()
     metrics = check_run_folder(run_dir, kind, epochs=2)
-    if kind == "cvae":
-        accuracy = metrics["sample_accuracy"]
-        assert 0 <= accuracy["overall"] <= 1 and len(accuracy["per_digit"]) == 10
 
     code, _, err = main_in_process(capsys, "--eval", run_dir / "checkpoint.pt", "--data-dir", tiny_mnist,
                                    "--out-dir", out)
     assert code == 0, err
     (eval_dir,) = [p for p in out.iterdir() if p.name.startswith("eval-")]
-    expected = {"metrics.json", "reconstructions.png", "samples.png", "loss_curves.png"}
-    assert {p.name for p in eval_dir.iterdir()} == expected | ({"samples_by_class.png"} if kind == "cvae" else set())
+    assert {p.name for p in eval_dir.iterdir()} == {"metrics.json"} | pictures(kind)
     evaluation = json.loads((eval_dir / "metrics.json").read_text())["eval"]
+    check_report(evaluation, kind)
     # same seed, same model, same test set: --eval reproduces the last epoch's test numbers
     assert evaluation["test_neg_elbo"] == pytest.approx(metrics["epochs"][-1]["test_neg_elbo"], rel=1e-5)
 
@@ -77,8 +94,8 @@ def test_train_then_eval_writes_every_output(tiny_mnist, tmp_path, capsys, kind,
 def test_both_models_by_default_and_no_run_overwrites_another(tiny_mnist, tmp_path, capsys):
     out = tmp_path / "results"
     for _ in range(2):
-        code, _, err = main_in_process(capsys, "--epochs", 1, "--max-batches", 1, "--data-dir", tiny_mnist,
-                                       "--out-dir", out)
+        code, _, err = main_in_process(capsys, "--epochs", 1, "--max-batches", 1, "--val-size", 16,
+                                       "--iw-samples", 2, "--data-dir", tiny_mnist, "--out-dir", out)
         assert code == 0, err
     names = sorted(p.name for p in out.iterdir())
     assert len(names) == 4 and sum(n.startswith("vae-") for n in names) == 2

@@ -68,3 +68,31 @@ def test_batches_visit_every_image_once_in_a_seeded_order():
     assert all(torch.equal(a[1], b[1]) for a, b in zip(first, again))
     assert all(torch.equal(xb[:, 0].long(), yb) for xb, yb in first)          # x and y stay paired
     assert len(list(data.batches(x, y, 4, max_batches=2))) == 2 == data.n_batches(10, 4, 2)
+
+
+def test_dynamic_binarization_gives_bits_with_the_pixel_as_mean():
+    torch.manual_seed(0)
+    x = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0]).repeat(40_000, 1)
+    bits = data.binarize_dynamic(x)
+    assert set(bits.unique().tolist()) <= {0.0, 1.0}
+    assert torch.allclose(bits.mean(0), x[0], atol=0.01)
+    assert not torch.equal(bits, data.binarize_dynamic(x))          # a new draw every time
+
+
+def test_test_set_binarization_is_fixed_whatever_the_global_seed():
+    x = torch.rand(100, 1, 28, 28)
+    torch.manual_seed(1)
+    a = data.binarize_once(x, "test")
+    torch.manual_seed(2)
+    assert torch.equal(a, data.binarize_once(x, "test"))
+    assert not torch.equal(a, data.binarize_once(x, "val"))          # val and test draw independently
+    assert abs(a.mean().item() - x.mean().item()) < 0.01
+
+
+def test_validation_split_is_the_last_images_of_the_training_set():
+    x, y = torch.arange(10.0).view(10, 1, 1, 1), torch.arange(10)
+    (x_train, y_train), (x_val, y_val) = data.split_validation((x, y), 3)
+    assert y_train.tolist() == list(range(7)) and y_val.tolist() == [7, 8, 9]
+    assert len(data.split_validation((x, y), 0)[1][0]) == 0
+    with pytest.raises(data.DataError, match="leaves no training images"):
+        data.split_validation((x, y), 10)

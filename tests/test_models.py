@@ -67,10 +67,11 @@ def test_checkpoint_round_trip_gives_the_same_outputs(tmp_path, kind, arch):
     import dataclasses
     import main
     torch.manual_seed(0)
-    net = models.build_model(kind, arch, latent_dim=3, hidden_dim=32)
+    net = models.build_model(kind, arch, latent_dim=3, hidden_dim=32, hidden_layers=2, activation="tanh")
     optimizer = torch.optim.Adam(net.parameters())
     path = tmp_path / "checkpoint.pt"
-    main.save_checkpoint(net, optimizer, dataclasses.replace(main.Config(), model=kind, arch=arch), 1, [], path)
+    main.save_checkpoint(net, optimizer, dataclasses.replace(main.Config(), model=kind, arch=arch), 1, [],
+                         torch.Generator(), path)
     loaded = models.load_checkpoint(path, map_location="cpu")
     assert type(loaded) is type(net) and not loaded.training
     x, y, z = torch.rand(4, 1, 28, 28), torch.tensor([0, 3, 7, 9]), torch.randn(4, 3)
@@ -82,3 +83,12 @@ def test_checkpoint_round_trip_gives_the_same_outputs(tmp_path, kind, arch):
     a = net.sample(4, *extra)
     torch.manual_seed(5)
     assert torch.equal(a, loaded.sample(4, *extra))
+
+
+def test_iwae_mnist_architecture_can_be_expressed():
+    # Burda et al. 2015's one-stochastic-layer MNIST model: 784-200-200-50 (and back), tanh
+    net = models.build_model("vae", "mlp", latent_dim=50, hidden_dim=200, hidden_layers=2, activation="tanh")
+    linear = [(m.in_features, m.out_features) for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear == [(784, 200), (200, 200), (200, 50), (200, 50), (50, 200), (200, 200), (200, 784)]
+    assert sum(isinstance(m, torch.nn.Tanh) for m in net.modules()) == 4
+    assert not any(isinstance(m, torch.nn.ReLU) for m in net.modules())

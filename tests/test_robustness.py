@@ -1,0 +1,208 @@
+"""Never lose a run, never crash on bad input: resume, Ctrl-C, the NaN guard, determinism, and the
+one-line errors. Training goes through the real command line (a subprocess) on tiny IDX files."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+from test_cli import main_in_process, run_main
+
+TINY = ["--model", "vae", "--batch-size", 16, "--val-size", 16, "--latent-dim", 3, "--iw-samples", 5]
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def without_timings(metrics):
+    """metrics.json minus the wall-clock seconds and the output folder, which no two runs share."""
+    rows = [{k: v for k, v in row.items() if k != "train_seconds"} for row in metrics["epochs"]]
+    return {**metrics, "epochs": rows, "config": {**metrics["config"], "out_dir": None}}
+
+
+def train_tiny(data_dir, out, *args):
+    result = run_main(*TINY, "--data-dir", data_dir, "--out-dir", out, *args)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def only_run(out):
+    (run_dir,) = out.iterdir()
+    return run_dir
+
+
+def test_same_seed_gives_bit_identical_runs_on_the_cpu(tiny_mnist, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        train_tiny(tiny_mnist, tmp_path / name, "--epochs", 2, "--binarize", "dynamic", "--device", "cpu")
+        runs.append(only_run(tmp_path / name))
+    a, b = (json.loads((r / "metrics.json").read_text()) for r in runs)
+    assert without_timings(a) == without_timings(b)
+    assert same_weights(weights(runs[0] / "checkpoint.pt"), weights(runs[1] / "checkpoint.pt"))
+    # and a different seed really is a different run
+    train_tiny(tiny_mnist, tmp_path / "c", "--epochs", 2, "--binarize", "dynamic", "--seed", 2)
+    c = json.loads((only_run(tmp_path / "c") / "metrics.json").read_text())
+    assert c["epochs"][-1]["train_neg_elbo"] != a["epochs"][-1]["train_neg_elbo"]
+
+
+def test_a_run_stopped_after_epoch_2_and_resumed_ends_exactly_like_the_uninterrupted_one(tiny_mnist, tmp_path):
+    # dynamic binarization, KL warm-up and the IWAE learning-rate schedule: every random stream and
+    # every schedule must carry across the break (the IWAE schedule does not depend on --epochs)
+    args = ["--binarize", "dynamic", "--warmup-epochs", 3, "--lr-schedule", "iwae"]
+    train_tiny(tiny_mnist, tmp_path / "whole", "--epochs", 5, *args)
+    train_tiny(tiny_mnist, tmp_path / "parts", "--epochs", 2, *args)
+    whole, parts = only_run(tmp_path / "whole"), only_run(tmp_path / "parts")
+    result = run_main("--resume", parts / "checkpoint.pt", "--epochs", 5)
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stdout
+    assert same_weights(weights(parts / "checkpoint.pt"), weights(whole / "checkpoint.pt"))
+    assert same_weights(weights(parts / "best.pt"), weights(whole / "best.pt"))
+    a, b = (json.loads((r / "metrics.json").read_text()) for r in (whole, parts))
+    assert without_timings(a) == without_timings(b)
+
+
+def test_ctrl_c_keeps_the_last_epoch_and_the_run_resumes_to_the_same_weights(tiny_mnist, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *map(str, TINY), "--epochs", "1000",
+                             "--data-dir", str(tiny_mnist), "--out-dir", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("*/checkpoint.pt")):
+        time.sleep(0.05)
+    time.sleep(0.2)                                        # somewhere in a later epoch
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    last = err.strip().splitlines()[-1]                   # after the progress bars on stderr
+    assert last.startswith("error: interrupted") and "--resume" in last and "Traceback" not in err, err
+    run_dir = only_run(out)
+    assert not list(run_dir.glob("*.tmp"))                 # no half-written file left behind
+    k = torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"]
+    assert 1 <= k < 1000 and f"holds epoch {k}" in err
+    result = run_main("--resume", run_dir / "checkpoint.pt", "--epochs", k + 2)
+    assert result.returncode == 0, result.stderr
+    # an uninterrupted run of k + 2 epochs (the constant learning rate ignores --epochs)
+    train_tiny(tiny_mnist, tmp_path / "ref", "--epochs", k + 2)
+    assert same_weights(weights(run_dir / "checkpoint.pt"), weights(only_run(tmp_path / "ref") / "checkpoint.pt"))
+
+
+def test_a_diverging_run_stops_with_epoch_and_batch_and_exit_code_1(tiny_mnist, tmp_path):
+    result = run_main(*TINY, "--epochs", 2, "--lr", 1e30, "--data-dir", tiny_mnist, "--out-dir", tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]            # after the progress bar
+    assert "epoch 1, batch" in line and "--lr" in line and "no checkpoint" in line
+
+
+def test_divergence_after_a_good_epoch_keeps_that_epochs_checkpoint(tiny_mnist, tmp_path, capsys, monkeypatch):
+    import losses
+    calls = {"n": 0}
+    real = losses.log_bernoulli
+
+    def poisoned_after_epoch_1(x, x_logits):            # 5 training batches an epoch, then eval
+        calls["n"] += 1
+        log_px = real(x, x_logits)
+        return log_px * float("nan") if torch.is_grad_enabled() and calls["n"] > 5 else log_px
+
+    monkeypatch.setattr(losses, "log_bernoulli", poisoned_after_epoch_1)
+    code, _, err = main_in_process(capsys, *TINY, "--epochs", 3, "--data-dir", tiny_mnist, "--out-dir", tmp_path / "out")
+    assert code == 1
+    assert "became nan at epoch 2, batch 1" in err and "holds epoch 1" in err
+    ckpt = torch.load(only_run(tmp_path / "out") / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_best_checkpoint_and_early_stopping_follow_the_validation_elbo(tiny_mnist, tmp_path):
+    train_tiny(tiny_mnist, tmp_path / "out", "--epochs", 30, "--patience", 2, "--lr", 0.05)
+    run_dir = only_run(tmp_path / "out")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    val = [row["val_neg_elbo"] for row in metrics["epochs"]]
+    best_epoch = metrics["epochs"][val.index(min(val))]["epoch"]
+    assert torch.load(run_dir / "best.pt", weights_only=True)["epoch"] == best_epoch
+    assert metrics["final"]["epoch"] == best_epoch
+    if len(val) < 30:                                       # stopped early: exactly `patience` bad epochs
+        assert len(val) - best_epoch == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit code 2, no traceback, nothing written or overwritten
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args,message", [
+    (["--hidden-layers", "0"], "--hidden-layers must be at least 1"),
+    (["--iw-samples", "-1"], "--iw-samples must be 0 or more"),
+    (["--adam-eps", "0"], "--adam-eps must be a positive number"),
+    (["--patience", "3", "--val-size", "0"], "--patience needs a validation set"),
+    (["--val-size", "96"], "--val-size 96 leaves no training images"),
+    (["--activation", "sigmoid"], "invalid choice"),
+    (["--binarize", "static"], "invalid choice"),
+    (["--resume", "missing.pt"], "no checkpoint at missing.pt"),
+])
+def test_more_bad_input_gets_one_line_and_exit_code_2(tiny_mnist, tmp_path, capsys, args, message):
+    code, _, err = main_in_process(capsys, *args, "--data-dir", tiny_mnist, "--out-dir", tmp_path / "out")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_device_cuda_without_cuda_is_refused(tiny_mnist, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = main_in_process(capsys, "--device", "cuda", "--data-dir", tiny_mnist, "--out-dir", tmp_path)
+    assert code == 2 and "CUDA is not available" in err
+
+
+def test_an_output_directory_that_cannot_be_written_is_refused(tiny_mnist, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, _, err = main_in_process(capsys, *TINY, "--epochs", 1, "--data-dir", tiny_mnist, "--out-dir", blocker / "out")
+    assert code == 2 and "cannot create a run folder" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def trained_run(tiny_mnist, tmp_path):
+    train_tiny(tiny_mnist, tmp_path / "runs", "--epochs", 1)
+    return only_run(tmp_path / "runs")
+
+
+def test_truncated_checkpoint_is_refused_and_nothing_is_overwritten(trained_run, tiny_mnist, tmp_path, capsys):
+    good = (trained_run / "checkpoint.pt").read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good[:len(good) // 2])
+    for option in ("--eval", "--resume"):
+        code, _, err = main_in_process(capsys, option, cut, "--data-dir", tiny_mnist, "--out-dir", tmp_path / "o")
+        assert code == 2 and "not a usable checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert (trained_run / "checkpoint.pt").read_bytes() == good and not (tmp_path / "o").exists()
+
+
+def test_checkpoint_of_another_architecture_names_the_shapes(trained_run, tiny_mnist, tmp_path, capsys):
+    ckpt = torch.load(trained_run / "checkpoint.pt", weights_only=True)
+    ckpt["model_args"]["latent_dim"] = 5                 # says latent 5, holds latent-3 weights
+    torch.save(ckpt, tmp_path / "other.pt")
+    code, _, err = main_in_process(capsys, "--eval", tmp_path / "other.pt", "--data-dir", tiny_mnist)
+    assert code == 2 and "another architecture" in err and "enc_mu.weight (3, 400) vs (5, 400)" in err
+
+
+def test_resume_refuses_a_changed_architecture_and_leaves_the_run_alone(trained_run, tiny_mnist, capsys):
+    before = {p.name: p.read_bytes() for p in trained_run.iterdir()}
+    code, _, err = main_in_process(capsys, "--resume", trained_run / "checkpoint.pt", "--arch", "conv",
+                                   "--data-dir", tiny_mnist)
+    assert code == 2 and "--arch conv differs from the resumed run's mlp" in err
+    assert {p.name: p.read_bytes() for p in trained_run.iterdir()} == before
+
+
+def test_best_pt_cannot_be_resumed_but_can_be_evaluated(trained_run, tiny_mnist, tmp_path, capsys):
+    code, _, _ = main_in_process(capsys, "--eval", trained_run / "best.pt", "--data-dir", tiny_mnist,
+                                 "--out-dir", tmp_path / "eval", "--iw-samples", 5)
+    assert code == 0
+    corrupt = tiny_mnist / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    corrupt.write_bytes(b"\x00\x00\x08\x07" + corrupt.read_bytes()[4:])   # a wrong IDX magic number
+    code, _, err = main_in_process(capsys, "--eval", trained_run / "best.pt", "--data-dir", tiny_mnist,
+                                   "--out-dir", tmp_path / "eval2")
+    assert code == 2 and "truncated or corrupt" in err and len(err.strip().splitlines()) == 1
