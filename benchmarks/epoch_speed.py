@@ -60,7 +60,7 @@ def measure(name, epochs, run_epoch, net, test_set, seed):
 def fresh_model(seed, device):
     torch.manual_seed(seed)
     net = models.build_model("vae", "mlp", latent_dim=20, hidden_dim=400).to(device)
-    return net, main.make_optimizer(net, lr=1e-3)
+    return net, main.make_optimizer(net, main.Config())     # Adam, lr 1e-3, the default eps
 
 
 def main_():
