@@ -23,7 +23,6 @@ sees it (main.py).
 import math
 
 import torch
-import torch.nn.functional as F
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -31,17 +30,42 @@ LOG_2PI = math.log(2 * math.pi)
 def log_bernoulli(x, x_logits):
     """log p(x|z) for a Bernoulli decoder, summed over the pixels.   [AEVB App. C.1]
 
-    log p(x|z) = Σ_d x_d log σ(l_d) + (1 − x_d) log(1 − σ(l_d)),  l = decoder logits.
-    Computed from the logits (log-sum-exp inside BCE-with-logits), never as log(sigmoid(l)),
-    which underflows to log 0 = −inf for confident pixels.
+    log p(x|z) = Σ_d x_d log σ(l_d) + (1 − x_d) log(1 − σ(l_d)) = Σ_d x_d l_d − softplus(l_d),
+    l = decoder logits. Computed from the logits, never as log(sigmoid(l)), which underflows to
+    log 0 = −inf for confident pixels; see BernoulliLogLikelihood for how, and for its gradient.
 
     For grey x in [0, 1] this is the cross-entropy the PyTorch example and AEVB's MNIST runs
     optimise; it is not the log-likelihood of any distribution over grey images (a Bernoulli
     has only 0 and 1 in its support), so numbers on grey MNIST compare only with numbers
     computed the same way.
     """
-    bce = F.binary_cross_entropy_with_logits(x_logits, x, reduction="none")
-    return -bce.flatten(1).sum(dim=1)                                    # (n,)
+    return BernoulliLogLikelihood.apply(x_logits, x)                    # (n,)
+
+
+class BernoulliLogLikelihood(torch.autograd.Function):
+    """Σ_d x_d l_d − softplus(l_d) per image, with its gradient written out:
+
+      ∂ log p(x|z) / ∂l_d = x_d − σ(l_d)        ∂ log p(x|z) / ∂x_d = l_d
+
+    The same number as −binary_cross_entropy_with_logits summed over pixels, about four times
+    faster forward and backward on a CPU (benchmarks/epoch_speed.py): PyTorch's softplus goes
+    through log1p, the slowest element-wise function here, while the form below needs only
+    |l|, a sigmoid and a log (see log_bernoulli_samples), and autograd's chain of element-wise
+    backward steps becomes one line.
+    """
+    @staticmethod
+    def forward(ctx, x_logits, x):
+        ctx.save_for_backward(x_logits, x)
+        n = len(x_logits)
+        return log_bernoulli_samples(x.reshape(n, -1) - 0.5, x_logits.reshape(n, -1))   # (n,)
+
+    @staticmethod
+    def backward(ctx, grad_log_px):
+        x_logits, x = ctx.saved_tensors
+        grad = grad_log_px.view(-1, *[1] * (x_logits.dim() - 1))       # (n, 1, ...) to broadcast
+        grad_logits = (x - torch.sigmoid(x_logits)) * grad if ctx.needs_input_grad[0] else None
+        grad_x = x_logits * grad if ctx.needs_input_grad[1] else None
+        return grad_logits, grad_x
 
 
 def kl_per_dim(mu, logvar):
@@ -106,7 +130,8 @@ def log_standard_normal(z):
 
 
 def log_bernoulli_samples(x_centered, x_logits):
-    """log p(x|z) of n images under s samples of z each: x_logits (s, n, x_dim) -> (s, n).
+    """log p(x|z) of n images under s samples of z each: x_logits (s, n, x_dim) -> (s, n),
+    or (n, x_dim) -> (n,) for one sample each.
 
     The number log_bernoulli computes, x_d l_d − softplus(l_d) per pixel, rewritten for speed:
       log p(x_d|z) = (x_d − ½) l_d − ½|l_d| + log σ(|l_d|)

@@ -312,8 +312,10 @@ def test_nll(net, x, y, k, seed, max_batches=0):
     weighted bound L_k [IWAE §3], which approaches log p(x) from below as k grows."""
     net.eval()
     total = 0.0
-    with models.seeded(x.device, seed):
-        for xb, yb in data.batches(x, y, EVAL_BATCH_SIZE, max_batches=max_batches):
+    batches = tqdm(data.batches(x, y, EVAL_BATCH_SIZE, max_batches=max_batches), leave=False,
+                   total=data.n_batches(len(x), EVAL_BATCH_SIZE, max_batches), desc=f"log p(x), K = {k}")
+    with models.seeded(x.device, seed), batches:
+        for xb, yb in batches:
             if isinstance(net, models.CVAE):     # z arrives sample-major: (s * n, latent_dim)
                 log_px = losses.iw_log_px(xb, lambda v: net.encode(v, yb),
                                           lambda z: net.decode(z, yb.repeat(len(z) // len(yb))), k)

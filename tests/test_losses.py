@@ -90,3 +90,20 @@ def test_elbo_is_below_the_exact_log_likelihood():
         elbo, _, _ = losses.elbo(x.expand(100_000, 3)[:, :, None, None], logits, mu_t, logvar_t)
         assert elbo.mean() < log_px
 
+
+
+def test_bernoulli_gradient_is_x_minus_sigmoid_and_matches_autograd():
+    # the hand-written backward of BernoulliLogLikelihood against autograd through the
+    # softplus form, and against finite differences (gradcheck), for grey and for binary x
+    torch.manual_seed(0)
+    for x in (torch.rand(3, 1, 4, 4, dtype=torch.double), torch.rand(3, 1, 4, 4, dtype=torch.double).round()):
+        logits = (4 * torch.randn(3, 1, 4, 4, dtype=torch.double)).requires_grad_()
+        x = x.requires_grad_()
+        reference = (x * logits - torch.nn.functional.softplus(logits)).flatten(1).sum(1)
+        weights = torch.randn(3, dtype=torch.double)
+        grads = torch.autograd.grad((losses.log_bernoulli(x, logits) * weights).sum(), (logits, x))
+        expected = torch.autograd.grad((reference * weights).sum(), (logits, x))
+        assert torch.allclose(losses.log_bernoulli(x, logits), reference)
+        assert all(torch.allclose(g, e) for g, e in zip(grads, expected))
+        assert torch.allclose(grads[0], (x - logits.sigmoid()) * weights.view(3, 1, 1, 1))
+        assert torch.autograd.gradcheck(losses.log_bernoulli, (x, logits))
