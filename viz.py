@@ -154,15 +154,19 @@ def loss_curves(history, path, title):
     A line is drawn only where history has its key (train_recon, val_kl, ...): checkpoints
     written before main.py recorded the train terms show the train −ELBO alone.
     """
+    long_run = len(history) > 30           # then: no markers, and a log epoch axis that shows both ends
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=120, layout="constrained")
     for ax, (term, name) in zip(axes, TERMS):
         for split, style, colour in SPLITS:
             points = [(h["epoch"], h[f"{split}_{term}"]) for h in history if f"{split}_{term}" in h]
             if points:
-                ax.plot(*zip(*points), style, color=colour, label=split)
+                ax.plot(*zip(*points), "-" if long_run else style, color=colour, label=split)
         ax.set_title(name, fontsize=10)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
+        if long_run:
+            ax.set_xscale("log")
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch (log scale)" if long_run else "epoch")
         ax.set_ylabel("nats per image")
         ax.grid(alpha=0.3)
         ax.legend()
