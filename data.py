@@ -131,6 +131,9 @@ def binarize_dynamic(x):
     return torch.bernoulli(x)
 
 
+EVAL_BATCH_SIZE = 1000     # images per forward pass in evaluation and pictures: bounds memory, changes no number
+
+
 def batches(x, y, batch_size, generator=None, max_batches=0):
     """Yield (x, y) batches; shuffled by `generator` (a seeded CPU torch.Generator) if given.
 

@@ -55,6 +55,9 @@ class BernoulliLogLikelihood(torch.autograd.Function):
     """
     @staticmethod
     def forward(ctx, x_logits, x):
+        if x.shape != x_logits.shape:
+            raise ValueError(f"log_bernoulli needs x and x_logits of one shape, got {tuple(x.shape)} "
+                             f"and {tuple(x_logits.shape)}")
         ctx.save_for_backward(x_logits, x)
         n = len(x_logits)
         return log_bernoulli_samples(x.reshape(n, -1) - 0.5, x_logits.reshape(n, -1))   # (n,)

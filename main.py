@@ -46,7 +46,7 @@ class Config:
     epochs: int = field(default=10, metadata={"help": "passes over the training images"})
     batch_size: int = field(default=128, metadata={"help": "images per Adam step"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (at the start of the schedule)"})
-    lr_schedule: str = field(default="constant", metadata={"help": "constant, cosine (to 0 at the last epoch), or iwae "
+    lr_schedule: str = field(default="constant", metadata={"help": "constant, cosine (from lr in epoch 1 towards 0 after the last), or iwae "
                                                           "(lr * 10^(-i/7) for 3^i epochs, i = 0, 1, ...)"})
     adam_eps: float = field(default=1e-8, metadata={"help": "Adam's epsilon (IWAE used 1e-4)"})
     beta: float = field(default=1.0, metadata={"help": "weight of the KL term in training; 1 = the true ELBO"})
@@ -73,9 +73,10 @@ class Config:
 CHOICES = {"model": ["vae", "cvae", "both"], "arch": ["mlp", "conv"], "device": ["auto", "cpu", "cuda"],
            "activation": ["relu", "tanh"], "lr_schedule": ["constant", "cosine", "iwae"],
            "binarize": ["none", "dynamic"]}
-# A resumed run keeps its configuration; only these may change on the command line.
+# A resumed or evaluated run keeps its configuration; only these may change on the command line.
 RESUMABLE = {"resume", "epochs", "patience", "iw_samples", "device", "data_dir", "out_dir"}
-EVAL_BATCH_SIZE = 1000        # test-set batches; large is faster and changes no number
+EVALUABLE = {"eval", "iw_samples", "seed", "device", "data_dir", "out_dir", "max_batches"}
+EVAL_BATCH_SIZE = data.EVAL_BATCH_SIZE
 
 
 class UsageError(Exception):
@@ -148,8 +149,12 @@ def make_run_dir(out_dir, name):
 def save_atomic(write, path):
     """Write through a temporary file and rename it, so a crash never leaves half a file at `path`."""
     tmp = Path(str(path) + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:             # an error or Ctrl-C: no half-written file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_json(obj, path):
@@ -277,18 +282,21 @@ def classifier_accuracy(net, x, y):
     return correct / len(x)
 
 
-def load_classifier(data_dir, train_set, test_set, seed):
-    """The classifier cached at data_dir/classifier.pt, trained (about a minute on a CPU) if absent."""
+def load_classifier(data_dir, device, seed):
+    """The classifier cached at data_dir/classifier.pt; if absent, trained (about a minute on a CPU)
+    on the 60,000 grey training images and scored on the 10,000 test images, whatever the run."""
     path = Path(data_dir) / "classifier.pt"
-    device = train_set[0].device
     if path.is_file():
         ckpt = torch.load(path, map_location=device, weights_only=True)
         net = models.DigitClassifier().to(device)
         net.load_state_dict(ckpt["model"])
         return net.eval(), ckpt["test_accuracy"]
     print(f"training the digit classifier that judges the CVAE's samples (once; cached in {path})")
-    net, accuracy = train_classifier(train_set, test_set, seed)
-    save_atomic(lambda p: torch.save({"model": net.state_dict(), "test_accuracy": accuracy}, p), path)
+    net, accuracy = train_classifier(*data.load_mnist(data_dir, device), seed)
+    try:
+        save_atomic(lambda p: torch.save({"model": net.state_dict(), "test_accuracy": accuracy}, p), path)
+    except OSError as err:
+        print(f"warning: could not cache the classifier in {path} ({err.strerror}); it is retrained next time")
     return net, accuracy
 
 
@@ -387,14 +395,16 @@ def draw(net, test, history, report, run_dir, seed):
 
 
 def save_checkpoint(net, optimizer, cfg, epoch, history, generator, path):
-    """A plain dict: weights, optimizer, configuration, epoch, metrics so far and the random states
-    that make a resumed run continue exactly as the uninterrupted one would have."""
-    rng = {"torch": torch.get_rng_state(), "shuffle": generator.get_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    ckpt = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-            "model_args": models.model_args(net), "config": dataclasses.asdict(cfg),
-            "epoch": epoch, "history": history, "rng": rng}
+    """A plain dict: weights, configuration, epoch and metrics so far; with an optimizer, also its
+    state and the random states that make a resumed run continue exactly as the uninterrupted one
+    would have (checkpoint.pt). best.pt has none of these: a run resumes from its last epoch only."""
+    ckpt = {"model": net.state_dict(), "model_args": models.model_args(net),
+            "config": dataclasses.asdict(cfg), "epoch": epoch, "history": history}
+    if optimizer is not None:
+        ckpt["optimizer"] = optimizer.state_dict()
+        ckpt["rng"] = {"torch": torch.get_rng_state(), "shuffle": generator.get_state()}
+        if torch.cuda.is_available():
+            ckpt["rng"]["cuda"] = torch.cuda.get_rng_state_all()
     save_atomic(lambda p: torch.save(ckpt, p), path)
 
 
@@ -415,15 +425,19 @@ def read_checkpoint(path, device):
     return net.eval(), ckpt
 
 
-def resume_config(cfg, given, ckpt):
-    """The resumed run's configuration: the checkpoint's, with only RESUMABLE flags changed."""
-    saved = Config(**{**dataclasses.asdict(Config()), **ckpt["config"]})
-    for name in sorted(given - RESUMABLE):
+def saved_config(cfg, given, ckpt, may_change, what):
+    """The checkpoint's configuration, with the flags in may_change taken from the command line; a
+    flag outside it that differs from the checkpoint is refused. Unknown keys (a future or past
+    version's) are dropped, missing ones take today's defaults."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    stored = {k: v for k, v in (ckpt.get("config") or {}).items() if k in fields}
+    saved = Config(**{**dataclasses.asdict(Config()), **stored})
+    for name in sorted(given - may_change):
         if getattr(cfg, name) != getattr(saved, name):
-            raise UsageError(f"{flag(name)} {getattr(cfg, name)} differs from the resumed run's "
-                             f"{getattr(saved, name)}; a resumed run keeps its configuration "
-                             f"(only {', '.join(sorted(flag(n) for n in RESUMABLE - {'resume'}))} may change)")
-    return dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given & RESUMABLE}, eval="")
+            raise UsageError(f"{flag(name)} {getattr(cfg, name)} differs from the {what}'s {getattr(saved, name)}; "
+                             f"the {what} keeps its configuration (only "
+                             f"{', '.join(sorted(flag(n) for n in may_change - {'resume', 'eval'}))} may change)")
+    return dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given & may_change})
 
 
 def train(kind, cfg, device, sets, resume=None):
@@ -454,25 +468,30 @@ def train(kind, cfg, device, sets, resume=None):
                 break
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(cfg, epoch)
-            history.append(train_and_evaluate(net, optimizer, cfg, sets, generator, epoch))
-            if cfg.val_size and history[-1]["val_neg_elbo"] <= min(h["val_neg_elbo"] for h in history):
-                save_checkpoint(net, optimizer, run_cfg, epoch, history, generator, run_dir / "best.pt")
-            save_checkpoint(net, optimizer, run_cfg, epoch, history, generator, run_dir / "checkpoint.pt")
+            row = train_and_evaluate(net, optimizer, cfg, sets, generator, epoch)
+            so_far = history + [row]
+            if cfg.val_size and all(row["val_neg_elbo"] < h["val_neg_elbo"] for h in history):  # first best
+                save_checkpoint(net, None, run_cfg, epoch, so_far, generator, run_dir / "best.pt")
+            save_checkpoint(net, optimizer, run_cfg, epoch, so_far, generator, run_dir / "checkpoint.pt")
             save_json({"config": dataclasses.asdict(run_cfg), "model_args": models.model_args(net),
-                       "epochs": history}, run_dir / "metrics.json")
+                       "epochs": so_far}, run_dir / "metrics.json")
+            history = so_far
     except KeyboardInterrupt:
-        hint = f"; continue with: python main.py --resume {run_dir / 'checkpoint.pt'}" if history else ""
-        raise Interrupted(f"interrupted: {last_good(run_dir, history)}{hint}") from None
+        saved = (run_dir / "checkpoint.pt").is_file()
+        hint = f"; continue with: python main.py --resume {run_dir / 'checkpoint.pt'}" if saved else ""
+        raise Interrupted(f"interrupted: {last_good(run_dir)}{hint}") from None
     except Diverged as err:
-        raise Diverged(f"{err}; {last_good(run_dir, history)}") from None
+        raise Diverged(f"{err}; {last_good(run_dir)}") from None
     finish(net, kind, cfg, run_cfg, history, sets, run_dir)
     return run_dir
 
 
-def last_good(run_dir, history):
-    if not history:
+def last_good(run_dir):
+    """What the run folder holds now, read from the disk, not from memory."""
+    path = run_dir / "checkpoint.pt"
+    if not path.is_file():
         return "no epoch had finished, so there is no checkpoint"
-    return f"the last good checkpoint, {run_dir / 'checkpoint.pt'}, holds epoch {history[-1]['epoch']}"
+    return f"the last good checkpoint, {path}, holds epoch {torch.load(path, weights_only=True)['epoch']}"
 
 
 class Interrupted(Exception):
@@ -510,31 +529,33 @@ def train_and_evaluate(net, optimizer, cfg, sets, generator, epoch):
 
 def finish(net, kind, cfg, run_cfg, history, sets, run_dir):
     """Report on the best model by validation ELBO (the last one without a validation set), draw it."""
-    epoch = len(history)
+    device = next(net.parameters()).device
+    epoch = history[-1]["epoch"]
     if cfg.val_size:
-        best, _ = read_checkpoint(run_dir / "best.pt", next(net.parameters()).device)
+        best, ckpt = read_checkpoint(run_dir / "best.pt", device)
         net.load_state_dict(best.state_dict())
-        epoch = min(history, key=lambda h: h["val_neg_elbo"])["epoch"]
-    judge = load_classifier(cfg.data_dir, sets[0], sets[2], cfg.seed) if kind == "cvae" and not cfg.max_batches else None
+        epoch = ckpt["epoch"]
+    judge = load_classifier(cfg.data_dir, device, cfg.seed) if kind == "cvae" and not cfg.max_batches else None
     report = final_report(net, cfg, epoch, sets, judge)     # a smoke run's data would make a poor judge
     save_json({"config": dataclasses.asdict(run_cfg), "model_args": models.model_args(net),
                "epochs": history, "final": report}, run_dir / "metrics.json")
     draw(net, sets[2], history, report, run_dir, cfg.seed)
 
 
-def evaluate_checkpoint(cfg, net, ckpt):
-    """--eval: test metrics and pictures of a saved model, in a new run folder."""
+def evaluate_checkpoint(cfg, given, net, ckpt):
+    """--eval: test metrics and pictures of a saved model, in a new run folder, under the protocol
+    it was trained with (binarization, seed), unless EVALUABLE flags say otherwise."""
     args = ckpt["model_args"]
-    saved = Config(**{**dataclasses.asdict(Config()), **ckpt.get("config", {})})
-    run_cfg = dataclasses.replace(cfg, binarize=saved.binarize, val_size=0)   # the model's test protocol
-    sets = load_sets(run_cfg, next(net.parameters()).device)
+    run_cfg = dataclasses.replace(saved_config(cfg, given, ckpt, EVALUABLE, "checkpoint"), val_size=0, resume="")
+    device = next(net.parameters()).device
+    sets = load_sets(run_cfg, device)
     run_dir = make_run_dir(cfg.out_dir, f"eval-{args['model']}-{args['arch']}-{time.strftime('%Y%m%d-%H%M%S')}")
     print(f"{cfg.eval} (epoch {ckpt.get('epoch')}): writing {run_dir}")
-    judge = load_classifier(cfg.data_dir, sets[0], sets[2], cfg.seed) if args["model"] == "cvae" else None
+    judge = load_classifier(run_cfg.data_dir, device, run_cfg.seed) if args["model"] == "cvae" else None
     report = final_report(net, run_cfg, ckpt.get("epoch"), sets, judge)
     save_json({"checkpoint": str(cfg.eval), "config": ckpt.get("config"), "model_args": args,
                "eval": report, "epochs": ckpt.get("history", [])}, run_dir / "metrics.json")
-    draw(net, sets[2], ckpt.get("history"), report, run_dir, cfg.seed)
+    draw(net, sets[2], ckpt.get("history"), report, run_dir, run_cfg.seed)
     return run_dir
 
 
@@ -543,14 +564,14 @@ def run(cfg, given=frozenset()):
     device = pick_device(cfg.device)
     if cfg.eval:
         net, ckpt = read_checkpoint(cfg.eval, device)      # refuse a bad checkpoint before loading data
-        return [evaluate_checkpoint(cfg, net, ckpt)]
+        return [evaluate_checkpoint(cfg, given, net, ckpt)]
     if cfg.resume:
         net, ckpt = read_checkpoint(cfg.resume, device)
         if "rng" not in ckpt or "optimizer" not in ckpt:
-            raise UsageError(f"{cfg.resume} is not a run's checkpoint.pt (best.pt and old checkpoints "
-                             f"cannot resume): pass RUN/checkpoint.pt")
+            raise UsageError(f"{cfg.resume} holds no optimizer or random states (best.pt, a shipped model or "
+                             f"an older checkpoint): resume from the run's checkpoint.pt")
         run_dir = Path(cfg.resume).parent
-        cfg = resume_config(cfg, given, ckpt)
+        cfg = dataclasses.replace(saved_config(cfg, given, ckpt, RESUMABLE, "resumed run"), eval="")
         check_config(cfg)
         return [train(cfg.model, cfg, device, load_sets(cfg, device), (net, ckpt, run_dir))]
     sets = load_sets(cfg, device)
@@ -574,7 +595,8 @@ def main(argv=None):
     except Interrupted as err:
         fail(str(err), code=130)
     except KeyboardInterrupt:
-        fail("interrupted after training: every finished epoch's checkpoint is saved", code=130)
+        fail("interrupted: what this step was writing is not saved; the checkpoints of finished epochs "
+             "are (python main.py --eval RUN/best.pt or RUN/checkpoint.pt redoes the final report)", code=130)
 
 
 if __name__ == "__main__":

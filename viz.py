@@ -17,14 +17,15 @@ import torch
 from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid, save_image
 
-from losses import elbo
+from data import EVAL_BATCH_SIZE
+from losses import elbo, kl_per_dim
 from models import CVAE, N_CLASSES, reparameterize, seeded
 
 PAD = 2                 # pixels between the images of a grid
 CELL = 28 + PAD         # one image and its padding
 DPI = 100
 ZOOM = 2.5              # screen pixels per image pixel in the matplotlib figures
-BATCH = 1000            # images per forward pass: bounds memory, changes no number
+BATCH = EVAL_BATCH_SIZE  # the batches of main.evaluate, so the anomaly scores average to its −ELBO
 SCATTER_SIZE = 5000     # test images in the latent scatter and in the per-dimension KL
 
 
@@ -338,7 +339,7 @@ def kl_per_dimension(net, x, y, n=SCATTER_SIZE, seed=0):
     KL_j = −½ (1 + log σ_j² − μ_j² − σ_j²)   [AEVB App. B]"""
     idx = random_subset(len(x), n, x.device, seed)
     mu, logvar = encode(net, x[idx], y[idx])
-    return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).mean(0)          # (latent_dim,)
+    return kl_per_dim(mu, logvar).mean(0)                                   # (latent_dim,)
 
 
 @torch.no_grad()

@@ -17,6 +17,13 @@ from test_cli import main_in_process, run_main
 TINY = ["--model", "vae", "--batch-size", 16, "--val-size", 16, "--latent-dim", 3, "--iw-samples", 5]
 
 
+@pytest.fixture(autouse=True)
+def no_pictures(monkeypatch):
+    """Runs in this process skip the pictures (tests/test_cli.py and test_viz.py check those);
+    a subprocess draws them as always."""
+    monkeypatch.setattr(main, "draw", lambda *args, **kwargs: None)
+
+
 def weights(path):
     return torch.load(path, weights_only=True)["model"]
 
@@ -81,7 +88,10 @@ def test_ctrl_c_keeps_the_last_epoch_and_the_run_resumes_to_the_same_weights(tin
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *map(str, TINY), "--epochs", "1000",
                              "--data-dir", str(tiny_mnist), "--out-dir", str(out)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            # a shell running us in the background ignores SIGINT, and its children
+                            # inherit that; give the child the default, as a terminal would
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("*/checkpoint.pt")):
         time.sleep(0.05)
@@ -95,17 +105,17 @@ def test_ctrl_c_keeps_the_last_epoch_and_the_run_resumes_to_the_same_weights(tin
     assert not list(run_dir.glob("*.tmp"))                 # no half-written file left behind
     k = torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"]
     assert 1 <= k < 1000 and f"holds epoch {k}" in err
-    result = run_main("--resume", run_dir / "checkpoint.pt", "--epochs", k + 2)
-    assert result.returncode == 0, result.stderr
+    main.main(["--resume", str(run_dir / "checkpoint.pt"), "--epochs", str(k + 2)])
     # an uninterrupted run of k + 2 epochs (the constant learning rate ignores --epochs)
     train_tiny(tiny_mnist, tmp_path / "ref", "--epochs", k + 2)
     assert same_weights(weights(run_dir / "checkpoint.pt"), weights(only_run(tmp_path / "ref") / "checkpoint.pt"))
 
 
-def test_a_diverging_run_stops_with_epoch_and_batch_and_exit_code_1(tiny_mnist, tmp_path):
-    result = run_main(*TINY, "--epochs", 2, "--lr", 1e30, "--data-dir", tiny_mnist, "--out-dir", tmp_path)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    line = result.stderr.strip().splitlines()[-1]            # after the progress bar
+def test_a_diverging_run_stops_with_epoch_and_batch_and_exit_code_1(tiny_mnist, tmp_path, capsys):
+    code, _, err = main_in_process(capsys, *TINY, "--epochs", 2, "--lr", 1e30, "--data-dir", tiny_mnist,
+                                   "--out-dir", tmp_path)
+    assert code == 1 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]                      # after the progress bar
     assert "epoch 1, batch" in line and "--lr" in line and "no checkpoint" in line
 
 
@@ -127,16 +137,25 @@ def test_divergence_after_a_good_epoch_keeps_that_epochs_checkpoint(tiny_mnist, 
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-def test_best_checkpoint_and_early_stopping_follow_the_validation_elbo(tiny_mnist, tmp_path):
-    train_tiny(tiny_mnist, tmp_path / "out", "--epochs", 30, "--patience", 2, "--lr", 0.05)
+def test_best_checkpoint_and_early_stopping_follow_the_validation_elbo(tiny_mnist, tmp_path, monkeypatch):
+    # a validation curve that falls to its minimum at epoch 3, then rises: with patience 2 the run
+    # must stop after epoch 5, keep epoch 3 in best.pt, and report on epoch 3
+    real_evaluate = main.evaluate
+    curve = iter([50.0, 40.0, 30.0, 35.0, 45.0, 60.0, 70.0, 80.0])
+
+    def fake_val(net, x, y, seed, max_batches=0, prefix="test"):
+        row = real_evaluate(net, x, y, seed, max_batches, prefix)
+        return {**row, "val_neg_elbo": next(curve)} if prefix == "val" else row
+
+    monkeypatch.setattr(main, "evaluate", fake_val)
+    train_tiny(tiny_mnist, tmp_path / "out", "--epochs", 8, "--patience", 2)
     run_dir = only_run(tmp_path / "out")
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    val = [row["val_neg_elbo"] for row in metrics["epochs"]]
-    best_epoch = metrics["epochs"][val.index(min(val))]["epoch"]
-    assert torch.load(run_dir / "best.pt", weights_only=True)["epoch"] == best_epoch
-    assert metrics["final"]["epoch"] == best_epoch
-    if len(val) < 30:                                       # stopped early: exactly `patience` bad epochs
-        assert len(val) - best_epoch == 2
+    assert [row["epoch"] for row in metrics["epochs"]] == [1, 2, 3, 4, 5]
+    assert torch.load(run_dir / "best.pt", weights_only=True)["epoch"] == 3
+    assert metrics["final"]["epoch"] == 3
+    best = torch.load(run_dir / "best.pt", weights_only=True)["model"]
+    assert not same_weights(best, weights(run_dir / "checkpoint.pt"))     # the report used best.pt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +224,10 @@ def test_resume_refuses_a_changed_architecture_and_leaves_the_run_alone(trained_
 
 
 def test_best_pt_cannot_be_resumed_but_can_be_evaluated(trained_run, tiny_mnist, tmp_path, capsys):
+    before = {p.name: p.read_bytes() for p in trained_run.iterdir()}
+    code, _, err = main_in_process(capsys, "--resume", trained_run / "best.pt", "--data-dir", tiny_mnist)
+    assert code == 2 and "resume from the run's checkpoint.pt" in err
+    assert {p.name: p.read_bytes() for p in trained_run.iterdir()} == before
     code, _, _ = main_in_process(capsys, "--eval", trained_run / "best.pt", "--data-dir", tiny_mnist,
                                  "--out-dir", tmp_path / "eval", "--iw-samples", 5)
     assert code == 0
@@ -213,3 +236,19 @@ def test_best_pt_cannot_be_resumed_but_can_be_evaluated(trained_run, tiny_mnist,
     code, _, err = main_in_process(capsys, "--eval", trained_run / "best.pt", "--data-dir", tiny_mnist,
                                    "--out-dir", tmp_path / "eval2")
     assert code == 2 and "truncated or corrupt" in err and len(err.strip().splitlines()) == 1
+
+
+def test_checkpoint_with_an_unknown_config_field_still_evaluates(trained_run, tiny_mnist, tmp_path, capsys):
+    ckpt = torch.load(trained_run / "checkpoint.pt", weights_only=True)
+    ckpt["config"]["a_field_from_another_version"] = 1
+    del ckpt["config"]["binarize"]                        # and one it lacks: today's default
+    torch.save(ckpt, tmp_path / "other-version.pt")
+    code, _, err = main_in_process(capsys, "--eval", tmp_path / "other-version.pt", "--data-dir", tiny_mnist,
+                                   "--out-dir", tmp_path / "eval")
+    assert code == 0, err
+
+
+def test_eval_refuses_a_flag_that_would_change_the_models_protocol(trained_run, tiny_mnist, capsys):
+    code, _, err = main_in_process(capsys, "--eval", trained_run / "checkpoint.pt", "--binarize", "dynamic",
+                                   "--data-dir", tiny_mnist)
+    assert code == 2 and "--binarize dynamic differs from the checkpoint's none" in err
