@@ -52,6 +52,9 @@ class Config:
     beta: float = field(default=1.0, metadata={"help": "weight of the KL term in training; 1 = the true ELBO"})
     warmup_epochs: int = field(default=0, metadata={"help": "KL warm-up: the KL weight rises from 0 to --beta over "
                                                     "this many epochs; 0 = none"})
+    precision: str = field(default="fp32", metadata={"help": "fp32, or bf16: the networks run in bfloat16 during "
+                                                   "training (torch.autocast; the ELBO's terms and all evaluation "
+                                                   "stay float32); about 1.4x faster here (AVX-512 BF16)"})
     binarize: str = field(default="none", metadata={"help": "none (grey pixels, the PyTorch example) or dynamic "
                                                     "(training pixels redrawn ~ Bernoulli each use; val/test drawn once)"})
     val_size: int = field(default=10000, metadata={"help": "the last this-many training images validate (best "
@@ -72,7 +75,7 @@ class Config:
 
 CHOICES = {"model": ["vae", "cvae", "both"], "arch": ["mlp", "conv"], "device": ["auto", "cpu", "cuda"],
            "activation": ["relu", "tanh"], "lr_schedule": ["constant", "cosine", "iwae"],
-           "binarize": ["none", "dynamic"]}
+           "binarize": ["none", "dynamic"], "precision": ["fp32", "bf16"]}
 # A resumed or evaluated run keeps its configuration; only these may change on the command line.
 RESUMABLE = {"resume", "epochs", "patience", "iw_samples", "device", "data_dir", "out_dir"}
 EVALUABLE = {"eval", "iw_samples", "seed", "device", "data_dir", "out_dir", "max_batches"}
@@ -168,12 +171,17 @@ class Diverged(Exception):
     """A non-finite loss or gradient: training stops, the last good checkpoint stays."""
 
 
-def elbo_terms(net, x, y):
-    """(elbo, log_px, kl) per image, one z ~ q sampled per image: AEVB Eq. 10, or its conditional form."""
+def elbo_terms(net, x, y, bf16=False):
+    """(elbo, log_px, kl) per image, one z ~ q sampled per image: AEVB Eq. 10, or its conditional form.
+    bf16: the networks' matrix products in bfloat16 (autocast); the ELBO's terms always in float32."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        if isinstance(net, models.CVAE):
+            x_logits, mu, logvar = net(x, y)             # q(z|x, y), p(x|y, z)
+        else:
+            x_logits, mu, logvar = net(x)                # q(z|x), p(x|z)
+    x_logits, mu, logvar = x_logits.float(), mu.float(), logvar.float()     # no-ops in float32
     if isinstance(net, models.CVAE):
-        x_logits, mu, logvar = net(x, y)                 # q(z|x, y), p(x|y, z)
         return losses.conditional_elbo(x, x_logits, mu, logvar)
-    x_logits, mu, logvar = net(x)                        # q(z|x), p(x|z)
     return losses.elbo(x, x_logits, mu, logvar)
 
 
@@ -209,7 +217,7 @@ def train_epoch(net, optimizer, x, y, cfg, generator, epoch):
         for step, (xb, yb) in enumerate(bar):
             if cfg.binarize == "dynamic":
                 xb = data.binarize_dynamic(xb)
-            elbo, log_px, kl = elbo_terms(net, xb, yb)
+            elbo, log_px, kl = elbo_terms(net, xb, yb, bf16=cfg.precision == "bf16")
             loss = -(log_px - kl_weight(cfg, (epoch - 1) * steps + step, steps) * kl).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -92,3 +92,26 @@ def test_iwae_mnist_architecture_can_be_expressed():
     assert linear == [(784, 200), (200, 200), (200, 50), (200, 50), (50, 200), (200, 200), (200, 784)]
     assert sum(isinstance(m, torch.nn.Tanh) for m in net.modules()) == 4
     assert not any(isinstance(m, torch.nn.ReLU) for m in net.modules())
+
+
+@pytest.mark.parametrize("kind", ["vae", "cvae"])
+def test_bf16_training_step_gives_nearly_the_float32_elbo_and_gradient(kind):
+    # --precision bf16 runs the networks in bfloat16 (8-bit mantissa) under autocast; the ELBO's
+    # terms stay float32. Same z noise (seed), so the two differ only by rounding.
+    import main
+    torch.manual_seed(0)
+    net = models.build_model(kind, "mlp", latent_dim=20, hidden_dim=0)
+    x, y = torch.rand(64, 1, 28, 28).round(), torch.arange(64) % 10
+    results = []
+    for bf16 in (False, True):
+        net.zero_grad()
+        with models.seeded(torch.device("cpu"), 1):
+            elbo, log_px, kl = main.elbo_terms(net, x, y, bf16=bf16)
+        (-elbo.mean()).backward()
+        grad = torch.cat([p.grad.flatten() for p in net.parameters()])
+        results.append((elbo.detach(), grad))
+        assert elbo.dtype == log_px.dtype == kl.dtype == torch.float32
+    (elbo32, grad32), (elbo16, grad16) = results
+    assert not torch.equal(elbo32, elbo16)                          # bf16 really ran
+    assert torch.allclose(elbo16, elbo32, rtol=0.01)
+    assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.99
