@@ -327,7 +327,7 @@ def test_nll(net, x, y, k, seed, max_batches=0):
     """The test set's mean −log p(x) (CVAE: −log p(x|y)) in nats, from the k-sample importance-
     weighted bound L_k [IWAE §3], which approaches log p(x) from below as k grows."""
     net.eval()
-    total = 0.0
+    total, count = 0.0, 0
     batches = tqdm(data.batches(x, y, EVAL_BATCH_SIZE, max_batches=max_batches), leave=False,
                    total=data.n_batches(len(x), EVAL_BATCH_SIZE, max_batches), desc=f"log p(x), K = {k}")
     with models.seeded(x.device, seed), batches:
@@ -338,7 +338,8 @@ def test_nll(net, x, y, k, seed, max_batches=0):
             else:
                 log_px = losses.iw_log_px(xb, net.encode, net.decode, k)
             total += log_px.sum().item()
-    return -total / min(len(x), max_batches * EVAL_BATCH_SIZE or len(x))
+            count += len(xb)
+    return -total / count
 
 
 @torch.no_grad()
@@ -416,6 +417,12 @@ def save_checkpoint(net, optimizer, cfg, epoch, history, generator, path):
     save_atomic(lambda p: torch.save(ckpt, p), path)
 
 
+def write_metrics(run_dir, run_cfg, net, history, **extra):
+    """run_dir/metrics.json: the configuration, the model's arguments, one row per epoch, and extra."""
+    save_json({"config": dataclasses.asdict(run_cfg), "model_args": models.model_args(net),
+               "epochs": history, **extra}, run_dir / "metrics.json")
+
+
 def read_checkpoint(path, device):
     """The checkpoint dict and the model it holds, or a UsageError that says what is wrong."""
     if not Path(path).is_file():
@@ -481,8 +488,7 @@ def train(kind, cfg, device, sets, resume=None):
             if cfg.val_size and all(row["val_neg_elbo"] < h["val_neg_elbo"] for h in history):  # first best
                 save_checkpoint(net, None, run_cfg, epoch, so_far, generator, run_dir / "best.pt")
             save_checkpoint(net, optimizer, run_cfg, epoch, so_far, generator, run_dir / "checkpoint.pt")
-            save_json({"config": dataclasses.asdict(run_cfg), "model_args": models.model_args(net),
-                       "epochs": so_far}, run_dir / "metrics.json")
+            write_metrics(run_dir, run_cfg, net, so_far)
             history = so_far
     except KeyboardInterrupt:
         saved = (run_dir / "checkpoint.pt").is_file()
@@ -545,8 +551,7 @@ def finish(net, kind, cfg, run_cfg, history, sets, run_dir):
         epoch = ckpt["epoch"]
     judge = load_classifier(cfg.data_dir, device, cfg.seed) if kind == "cvae" and not cfg.max_batches else None
     report = final_report(net, cfg, epoch, sets, judge)     # a smoke run's data would make a poor judge
-    save_json({"config": dataclasses.asdict(run_cfg), "model_args": models.model_args(net),
-               "epochs": history, "final": report}, run_dir / "metrics.json")
+    write_metrics(run_dir, run_cfg, net, history, final=report)
     draw(net, sets[2], history, report, run_dir, cfg.seed)
 
 

@@ -17,7 +17,7 @@ import torch
 from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid, save_image
 
-from data import EVAL_BATCH_SIZE
+from data import EVAL_BATCH_SIZE, batches
 from losses import elbo, kl_per_dim
 from models import CVAE, N_CLASSES, reparameterize, seeded
 
@@ -39,8 +39,7 @@ def device_of(net):
 def encode(net, x, y):
     """(mu, logvar) of q(z|x), or of q(z|x, y) for the CVAE, in batches."""
     parts = []
-    for i in range(0, len(x), BATCH):
-        xb, yb = x[i:i + BATCH], y[i:i + BATCH]
+    for xb, yb in batches(x, y, BATCH):
         parts.append(net.encode(xb, yb) if isinstance(net, CVAE) else net.encode(xb))
     return torch.cat([mu for mu, _ in parts]), torch.cat([logvar for _, logvar in parts])
 
@@ -428,8 +427,7 @@ def neg_elbo_per_image(net, x, y, seed):
     with the same seed and batches, so the mean is the test −ELBO main.py reports.   [AEVB Eq. 10]"""
     scores = []
     with seeded(x.device, seed):
-        for i in range(0, len(x), BATCH):
-            xb, yb = x[i:i + BATCH], y[i:i + BATCH]
+        for xb, yb in batches(x, y, BATCH):
             x_logits, mu, logvar = net(xb, yb) if isinstance(net, CVAE) else net(xb)
             scores.append(-elbo(xb, x_logits, mu, logvar)[0])
     return torch.cat(scores)
