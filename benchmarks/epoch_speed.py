@@ -1,9 +1,12 @@
 """Seconds per training epoch of the MLP VAE: our in-memory batches against the DataLoader +
 ToTensor loop of the PyTorch example (pytorch/examples vae/main.py) and most tutorials.
 
-Both loops train the same model (784-400-20) with the same objective, Adam 1e-3, batch 128 and
-seed, for the same number of epochs, one after the other in this process (never two at once),
-and both are scored by the same test -ELBO code. Only the way batches reach the model differs.
+Four runs train the same model (784-400-20) with the same objective, Adam 1e-3, batch 128 and
+seed: {DataLoader, in-memory} x {float32, bfloat16 autocast (main.py --precision bf16)}. Their
+epochs are interleaved (epoch 1 of each run, then epoch 2 of each, ...), never two at once, so a
+slow minute on a shared machine slows all four alike, and each ratio is taken epoch by epoch
+against the DataLoader float32 epoch run next to it. All four are scored by the same test -ELBO
+code. Only the way batches reach the model, and the precision, differ.
 
     python benchmarks/epoch_speed.py                 # 10 epochs each, about 3 minutes on 2 cores
     python benchmarks/epoch_speed.py --epochs 2      # quicker, timing only
@@ -45,22 +48,35 @@ def in_memory_epoch(net, optimizer, x_train, generator, bf16=False):
         train_step(net, optimizer, x, bf16)
 
 
-def measure(name, epochs, run_epoch, net, test_set, seed):
-    seconds = []
-    for _ in range(epochs):
-        start = time.perf_counter()
-        run_epoch()
-        seconds.append(time.perf_counter() - start)
-    test = main.evaluate(net, *test_set, seed)["test_neg_elbo"]
-    print(f"{name:28s} median epoch {statistics.median(seconds):6.2f} s  "
-          f"(min {min(seconds):.2f}, max {max(seconds):.2f})   test -ELBO after {epochs} epochs {test:.2f}")
-    return statistics.median(seconds), test
-
-
 def fresh_model(seed, device):
     torch.manual_seed(seed)
     net = models.build_model("vae", "mlp", latent_dim=20, hidden_dim=400).to(device)
     return net, main.make_optimizer(net, main.Config())     # Adam, lr 1e-3, the default eps
+
+
+def gemm_gflops(product, a, b, repeats=200):
+    """GFLOP/s of `product(a, b)` for a (128 x 784) and b (400 x 784): the step's biggest product."""
+    for _ in range(20):
+        product(a, b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        product(a, b)
+    return 2 * 128 * 784 * 400 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def gemm_probe():
+    """The speed of one matrix product through each library PyTorch can use on this CPU.
+
+    PyTorch sends float32 products to MKL and bfloat16 ones to oneDNN. MKL chooses its kernels by
+    CPU vendor (on AMD it leaves its AVX-512 kernels unused); oneDNN by instruction set. The oneDNN
+    float32 figure is for comparison only: no training loop here uses it.
+    """
+    a, w = torch.randn(128, 784), torch.randn(400, 784)
+    mkl = gemm_gflops(lambda a, w: a @ w.t(), a, w)
+    onednn = gemm_gflops(lambda a, w: torch._C._nn.mkldnn_linear(a, w, None), a.to_mkldnn(), w.to_mkldnn())
+    bf16 = gemm_gflops(lambda a, w: a @ w.t(), a.bfloat16(), w.bfloat16())
+    print(f"one 128x784x400 product: float32 via MKL (what training uses) {mkl:.0f} GFLOP/s, "
+          f"float32 via oneDNN {onednn:.0f} GFLOP/s, bfloat16 via oneDNN {bf16:.0f} GFLOP/s")
 
 
 def main_():
@@ -74,29 +90,45 @@ def main_():
     train_set, test_set = data.load_mnist(args.data_dir, device)
     print(f"MLP VAE 784-400-20, batch 128, Adam 1e-3, {args.epochs} epochs each, seed {args.seed}, "
           f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if device.type == "cpu":
+        gemm_probe()
 
     loader = torch.utils.data.DataLoader(
         datasets.MNIST(args.data_dir, train=True, transform=transforms.ToTensor()),
         batch_size=128, shuffle=True)
-    results = {}
-    for precision in ("fp32", "bf16"):          # bf16: main.py --precision bf16 (autocast)
+    runs = {}                                   # name -> (net, run one epoch)
+    for precision in ("fp32", "bf16"):
         bf16 = precision == "bf16"
         net, optimizer = fresh_model(args.seed, device)
-        torch.manual_seed(args.seed)
-        results["loader", precision] = measure(
-            f"DataLoader + ToTensor, {precision}", args.epochs,
-            lambda: dataloader_epoch(net, optimizer, loader, device, bf16), net, test_set, args.seed)
+        runs[f"DataLoader + ToTensor, {precision}"] = net, (
+            lambda net=net, optimizer=optimizer, bf16=bf16: dataloader_epoch(net, optimizer, loader, device, bf16))
         net, optimizer = fresh_model(args.seed, device)
         generator = torch.Generator().manual_seed(args.seed)
-        results["ours", precision] = measure(
-            f"in-memory (data.batches), {precision}", args.epochs,
-            lambda: in_memory_epoch(net, optimizer, train_set[0], generator, bf16), net, test_set, args.seed)
-    slow, slow_test = results["loader", "fp32"]
-    for key, name in ((("ours", "fp32"), "in-memory, fp32"), (("ours", "bf16"), "in-memory, bf16"),
-                      (("loader", "bf16"), "DataLoader, bf16")):
-        fast, fast_test = results[key]
-        print(f"{name:17s} / DataLoader, fp32: {fast / slow:.2f}x the time per epoch "
-              f"({slow / fast:.1f}x faster); test -ELBO difference {fast_test - slow_test:+.2f} nats")
+        runs[f"in-memory (data.batches), {precision}"] = net, (
+            lambda net=net, optimizer=optimizer, generator=generator, bf16=bf16:
+            in_memory_epoch(net, optimizer, train_set[0], generator, bf16))
+
+    seconds = {name: [] for name in runs}
+    for _ in range(args.epochs):
+        for name, (_, run_epoch) in runs.items():
+            start = time.perf_counter()
+            run_epoch()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds[name].append(time.perf_counter() - start)
+
+    baseline = "DataLoader + ToTensor, fp32"
+    baseline_test = main.evaluate(runs[baseline][0], *test_set, args.seed)["test_neg_elbo"]
+    print(f"{'':32s} {'median epoch':>12s} {'min':>6s} {'max':>6s}  {'test -ELBO':>10s}  "
+          f"time / DataLoader fp32 (median of per-epoch ratios, min-max)")
+    for name, (net, _) in runs.items():
+        test = main.evaluate(net, *test_set, args.seed)["test_neg_elbo"]
+        times = seconds[name]
+        ratios = [t / b for t, b in zip(times, seconds[baseline])]
+        print(f"{name:32s} {statistics.median(times):10.2f} s {min(times):6.2f} {max(times):6.2f}  "
+              f"{test:10.2f}  {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}), "
+              f"test -ELBO {test - baseline_test:+.2f} nats")
+
 
 if __name__ == "__main__":
     main_()
