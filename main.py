@@ -175,10 +175,7 @@ def elbo_terms(net, x, y, bf16=False):
     """(elbo, log_px, kl) per image, one z ~ q sampled per image: AEVB Eq. 10, or its conditional form.
     bf16: the networks' matrix products in bfloat16 (autocast); the ELBO's terms always in float32."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        if isinstance(net, models.CVAE):
-            x_logits, mu, logvar = net(x, y)             # q(z|x, y), p(x|y, z)
-        else:
-            x_logits, mu, logvar = net(x)                # q(z|x), p(x|z)
+        x_logits, mu, logvar = net(x, y)     # q(z|x) and p(x|z); CVAE: q(z|x, y) and p(x|y, z)
     x_logits, mu, logvar = x_logits.float(), mu.float(), logvar.float()     # no-ops in float32
     if isinstance(net, models.CVAE):
         return losses.conditional_elbo(x, x_logits, mu, logvar)
@@ -332,11 +329,9 @@ def test_nll(net, x, y, k, seed, max_batches=0):
                    total=data.n_batches(len(x), EVAL_BATCH_SIZE, max_batches), desc=f"log p(x), K = {k}")
     with models.seeded(x.device, seed), batches:
         for xb, yb in batches:
-            if isinstance(net, models.CVAE):     # z arrives sample-major: (s * n, latent_dim)
-                log_px = losses.iw_log_px(xb, lambda v: net.encode(v, yb),
-                                          lambda z: net.decode(z, yb.repeat(len(z) // len(yb))), k)
-            else:
-                log_px = losses.iw_log_px(xb, net.encode, net.decode, k)
+            # z arrives sample-major, (s * n, latent_dim), so the labels are repeated s times
+            log_px = losses.iw_log_px(xb, lambda v: net.encode(v, yb),
+                                      lambda z: net.decode(z, yb.repeat(len(z) // len(yb))), k)
             total += log_px.sum().item()
             count += len(xb)
     return -total / count
@@ -348,7 +343,7 @@ def latent_diagnostics(net, x, y, max_batches=0):
     net.eval()
     mus, kls = [], []
     for xb, yb in data.batches(x, y, EVAL_BATCH_SIZE, max_batches=max_batches):
-        mu, logvar = net.encode(xb, yb) if isinstance(net, models.CVAE) else net.encode(xb)
+        mu, logvar = net.encode(xb, yb)
         mus.append(mu)
         kls.append(losses.kl_per_dim(mu, logvar))
     n_active, variance = losses.active_units(torch.cat(mus))

@@ -113,16 +113,18 @@ class VAE(nn.Module):
         self.enc_logvar = nn.Linear(hidden_dim, latent_dim)    # log σ² of q(z|x)
         self.decoder = make_decoder(latent_dim, hidden_dim, **body)    # logits of p(x|z)
 
-    def encode(self, x):
+    # The VAE has no label. Its methods take `y=None` and ignore it only so that code driving
+    # either model (training, evaluation, pictures) can call net.encode(x, y) alike.
+    def encode(self, x, y=None):
         """q(z|x): x (n, 1, 28, 28) in [0, 1] -> (mu, logvar), each (n, latent_dim)."""
         h = self.encoder(x)
         return self.enc_mu(h), self.enc_logvar(h)
 
-    def decode(self, z):
+    def decode(self, z, y=None):
         """p(x|z): z (n, latent_dim) -> x_logits (n, 1, 28, 28)."""
         return self.decoder(z)
 
-    def forward(self, x):
+    def forward(self, x, y=None):
         mu, logvar = self.encode(x)
         z = reparameterize(mu, logvar)
         return self.decode(z), mu, logvar

@@ -40,13 +40,13 @@ def encode(net, x, y):
     """(mu, logvar) of q(z|x), or of q(z|x, y) for the CVAE, in batches."""
     parts = []
     for xb, yb in batches(x, y, BATCH):
-        parts.append(net.encode(xb, yb) if isinstance(net, CVAE) else net.encode(xb))
+        parts.append(net.encode(xb, yb))
     return torch.cat([mu for mu, _ in parts]), torch.cat([logvar for _, logvar in parts])
 
 
 def decode_means(net, z, y):
     """Pixel means σ(logits) of p(x|z), or of p(x|y, z) for the CVAE, in [0, 1]."""
-    return torch.sigmoid(net.decode(z, y) if isinstance(net, CVAE) else net.decode(z))
+    return torch.sigmoid(net.decode(z, y))
 
 
 def posterior_name(net):
@@ -428,7 +428,7 @@ def neg_elbo_per_image(net, x, y, seed):
     scores = []
     with seeded(x.device, seed):
         for xb, yb in batches(x, y, BATCH):
-            x_logits, mu, logvar = net(xb, yb) if isinstance(net, CVAE) else net(xb)
+            x_logits, mu, logvar = net(xb, yb)
             scores.append(-elbo(xb, x_logits, mu, logvar)[0])
     return torch.cat(scores)
 

@@ -49,6 +49,22 @@ def test_cvae_decodes_differ_by_label_for_the_same_z(arch):
     assert (mu[1:] - mu[0]).abs().sum(1).min() > 1e-4
 
 
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_vae_takes_a_label_and_ignores_it(arch):
+    """The VAE has no label: encode/decode/forward accept y so that code can drive both models
+    alike, and give the same numbers with or without it (forward's z sample is seeded)."""
+    net = models.build_model("vae", arch, latent_dim=4, hidden_dim=0)
+    x, z = torch.rand(3, 1, 28, 28), torch.randn(3, 4)
+    for y in (torch.tensor([0, 1, 2]), torch.tensor([7, 7, 7])):
+        assert all(torch.equal(a, b) for a, b in zip(net.encode(x, y), net.encode(x)))
+        assert torch.equal(net.decode(z, y), net.decode(z))
+        with models.seeded(x.device, 0):
+            with_y = net(x, y)
+        with models.seeded(x.device, 0):
+            without = net(x)
+        assert all(torch.equal(a, b) for a, b in zip(with_y, without))
+
+
 def test_cvae_sample_refuses_missing_or_mismatched_labels():
     net = models.build_model("cvae", "mlp", latent_dim=2, hidden_dim=0)
     with pytest.raises(ValueError, match="needs the labels"):

@@ -40,8 +40,8 @@ def is_png(path):
     return path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 500
 
 
-@pytest.mark.parametrize("kind,arch,latent_dim,history", [   # the conv CVAE with latent 2: tests/test_cli.py
-    ("vae", "mlp", 2, HISTORY), ("vae", "conv", 3, []), ("cvae", "mlp", 3, OLD_HISTORY)])
+@pytest.mark.parametrize("kind,arch,latent_dim,history", [   # both conv models: tests/test_cli.py
+    ("vae", "mlp", 2, HISTORY), ("vae", "mlp", 3, []), ("cvae", "mlp", 3, OLD_HISTORY)])
 def test_gallery_writes_every_figure_that_applies(tmp_path, kind, arch, latent_dim, history):
     net = small_model(kind, arch, latent_dim)
     x, y = fake_test_set()
