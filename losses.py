@@ -47,17 +47,17 @@ class BernoulliLogLikelihood(torch.autograd.Function):
 
       ∂ log p(x|z) / ∂l_d = x_d − σ(l_d)        ∂ log p(x|z) / ∂x_d = l_d
 
-    The same number as −binary_cross_entropy_with_logits summed over pixels, about four times
-    faster forward and backward on a CPU (benchmarks/epoch_speed.py): PyTorch's softplus goes
+    The same number as −binary_cross_entropy_with_logits summed over pixels, several times
+    faster forward and backward on a CPU (benchmarks/epoch_speed.py times both): PyTorch's softplus goes
     through log1p, the slowest element-wise function here, while the form below needs only
     |l|, a sigmoid and a log (see log_bernoulli_samples), and autograd's chain of element-wise
     backward steps becomes one line.
     """
     @staticmethod
     def forward(ctx, x_logits, x):
-        if x.shape != x_logits.shape:
-            raise ValueError(f"log_bernoulli needs x and x_logits of one shape, got {tuple(x.shape)} "
-                             f"and {tuple(x_logits.shape)}")
+        if x.shape != x_logits.shape or x.dim() < 2:
+            raise ValueError(f"log_bernoulli needs x and x_logits of one shape (n, ...), a batch of n images, "
+                             f"got {tuple(x.shape)} and {tuple(x_logits.shape)}")
         ctx.save_for_backward(x_logits, x)
         n = len(x_logits)
         return log_bernoulli_samples(x.reshape(n, -1) - 0.5, x_logits.reshape(n, -1))   # (n,)

@@ -47,7 +47,7 @@ class Config:
     batch_size: int = field(default=128, metadata={"help": "images per Adam step"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (at the start of the schedule)"})
     lr_schedule: str = field(default="constant", metadata={"help": "constant, cosine (from lr in epoch 1 towards 0 after the last), or iwae "
-                                                          "(lr * 10^(-i/7) for 3^i epochs, i = 0, 1, ...)"})
+                                                          "(lr * 10^(-i/7) for 3^i epochs, i = 0..7, 3280 epochs; then the last rate)"})
     adam_eps: float = field(default=1e-8, metadata={"help": "Adam's epsilon (IWAE used 1e-4)"})
     beta: float = field(default=1.0, metadata={"help": "weight of the KL term in training; 1 = the true ELBO"})
     warmup_epochs: int = field(default=0, metadata={"help": "KL warm-up: the KL weight rises from 0 to --beta over "
@@ -77,7 +77,7 @@ CHOICES = {"model": ["vae", "cvae", "both"], "arch": ["mlp", "conv"], "device": 
            "activation": ["relu", "tanh"], "lr_schedule": ["constant", "cosine", "iwae"],
            "binarize": ["none", "dynamic"], "precision": ["fp32", "bf16"]}
 # A resumed or evaluated run keeps its configuration; only these may change on the command line.
-RESUMABLE = {"resume", "epochs", "patience", "iw_samples", "device", "data_dir", "out_dir"}
+RESUMABLE = {"resume", "epochs", "patience", "iw_samples", "device", "data_dir"}
 EVALUABLE = {"eval", "iw_samples", "seed", "device", "data_dir", "out_dir", "max_batches"}
 EVAL_BATCH_SIZE = data.EVAL_BATCH_SIZE
 
@@ -182,26 +182,29 @@ def elbo_terms(net, x, y, bf16=False):
     return losses.elbo(x, x_logits, mu, logvar)
 
 
-def make_optimizer(net, cfg):
+def make_optimizer(net, lr, eps):
     """Adam; the fused kernel updates all parameters in one call (about 10% of a CPU epoch saved)."""
-    return torch.optim.Adam(net.parameters(), lr=cfg.lr, eps=cfg.adam_eps, fused=True)
+    return torch.optim.Adam(net.parameters(), lr=lr, eps=eps, fused=True)
 
 
-def lr_at(cfg, epoch):
-    """The learning rate of `epoch` (1-based) under --lr-schedule."""
-    if cfg.lr_schedule == "cosine":
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / cfg.epochs))
-    if cfg.lr_schedule == "iwae":     # Burda et al. 2015, §5: 3^i epochs at lr * 10^(-i/7), i = 0..7
+IWAE_STAGES = 8       # Burda et al. 2015, §5: 3^i epochs at lr * 10^(-i/7), i = 0..7: 3280 epochs
+
+
+def lr_at(epoch, lr, schedule, epochs):
+    """The learning rate of `epoch` (1-based) under --lr-schedule, for a run of `epochs` epochs."""
+    if schedule == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))
+    if schedule == "iwae":            # stage i covers epochs (3^i + 1) / 2 ... (3^(i+1) - 1) / 2
         stage = next(i for i in itertools.count() if epoch <= (3 ** (i + 1) - 1) // 2)
-        return cfg.lr * 10 ** (-stage / 7)
-    return cfg.lr
+        return lr * 10 ** (-min(stage, IWAE_STAGES - 1) / 7)     # after epoch 3280: the last rate
+    return lr
 
 
-def kl_weight(cfg, step, steps_per_epoch):
-    """β of step `step` (0-based, counted over the run): linear warm-up from 0 to --beta."""
-    if not cfg.warmup_epochs:
-        return cfg.beta
-    return cfg.beta * min(1.0, step / (cfg.warmup_epochs * steps_per_epoch))
+def kl_weight(step, steps_per_epoch, beta, warmup_epochs):
+    """β of step `step` (0-based, counted over the run): linear warm-up from 0 to beta."""
+    if not warmup_epochs:
+        return beta
+    return beta * min(1.0, step / (warmup_epochs * steps_per_epoch))
 
 
 def train_epoch(net, optimizer, x, y, cfg, generator, epoch):
@@ -215,7 +218,8 @@ def train_epoch(net, optimizer, x, y, cfg, generator, epoch):
             if cfg.binarize == "dynamic":
                 xb = data.binarize_dynamic(xb)
             elbo, log_px, kl = elbo_terms(net, xb, yb, bf16=cfg.precision == "bf16")
-            loss = -(log_px - kl_weight(cfg, (epoch - 1) * steps + step, steps) * kl).mean()
+            beta = kl_weight((epoch - 1) * steps + step, steps, cfg.beta, cfg.warmup_epochs)
+            loss = -(log_px - beta * kl).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             check_finite(net, loss, epoch, step, cfg)
@@ -292,10 +296,13 @@ def load_classifier(data_dir, device, seed):
     on the 60,000 grey training images and scored on the 10,000 test images, whatever the run."""
     path = Path(data_dir) / "classifier.pt"
     if path.is_file():
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        net = models.DigitClassifier().to(device)
-        net.load_state_dict(ckpt["model"])
-        return net.eval(), ckpt["test_accuracy"]
+        try:
+            ckpt = torch.load(path, map_location=device, weights_only=True)
+            net = models.DigitClassifier().to(device)
+            net.load_state_dict(ckpt["model"])
+            return net.eval(), ckpt["test_accuracy"]
+        except Exception as err:        # truncated, or another project's file: train a new judge
+            print(f"warning: cannot use {path} ({type(err).__name__}); training a new classifier in its place")
     print(f"training the digit classifier that judges the CVAE's samples (once; cached in {path})")
     net, accuracy = train_classifier(*data.load_mnist(data_dir, device), seed)
     try:
@@ -457,7 +464,7 @@ def train(kind, cfg, device, sets, resume=None):
     torch.manual_seed(cfg.seed)
     latent_dim = cfg.cvae_latent_dim if kind == "cvae" else cfg.latent_dim
     net = models.build_model(kind, cfg.arch, latent_dim, cfg.hidden_dim, cfg.hidden_layers, cfg.activation).to(device)
-    optimizer = make_optimizer(net, cfg)
+    optimizer = make_optimizer(net, cfg.lr, cfg.adam_eps)
     generator = torch.Generator().manual_seed(cfg.seed)          # the shuffling order
     run_cfg = dataclasses.replace(cfg, model=kind, resume="")
     history, first = [], 1
@@ -477,7 +484,7 @@ def train(kind, cfg, device, sets, resume=None):
                 print(f"early stop: no better validation ELBO in the last {cfg.patience} epochs")
                 break
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(cfg, epoch)
+                group["lr"] = lr_at(epoch, cfg.lr, cfg.lr_schedule, cfg.epochs)
             row = train_and_evaluate(net, optimizer, cfg, sets, generator, epoch)
             so_far = history + [row]
             if cfg.val_size and all(row["val_neg_elbo"] < h["val_neg_elbo"] for h in history):  # first best
@@ -581,10 +588,23 @@ def run(cfg, given=frozenset()):
         run_dir = Path(cfg.resume).parent
         cfg = dataclasses.replace(saved_config(cfg, given, ckpt, RESUMABLE, "resumed run"), eval="")
         check_config(cfg)
+        check_resume(cfg, ckpt)
         return [train(cfg.model, cfg, device, load_sets(cfg, device), (net, ckpt, run_dir))]
     sets = load_sets(cfg, device)
     kinds = ["vae", "cvae"] if cfg.model == "both" else [cfg.model]
     return [train(kind, cfg, device, sets) for kind in kinds]
+
+
+def check_resume(cfg, ckpt):
+    """A resumed run must have epochs left, and under the cosine schedule keep its length."""
+    done, planned = ckpt["epoch"], ckpt["config"].get("epochs", cfg.epochs)
+    if cfg.epochs <= done:
+        raise UsageError(f"--epochs {cfg.epochs}: the checkpoint has already done {done} epochs; "
+                         f"give --epochs more than {done} to train further, or --eval it")
+    if cfg.lr_schedule == "cosine" and cfg.epochs != planned:
+        raise UsageError(f"--epochs {cfg.epochs}: the cosine schedule of this run was laid out for {planned} "
+                         f"epochs and would change under the epochs left; resume with --epochs {planned}, "
+                         f"or start a new run")
 
 
 def fail(message, code=2):
@@ -602,6 +622,9 @@ def main(argv=None):
         fail(str(err), code=1)
     except Interrupted as err:
         fail(str(err), code=130)
+    except OSError as err:
+        fail(f"cannot read or write {err.filename or 'a file'} ({err.strerror}): free some space or fix the "
+             f"permissions; the checkpoints of finished epochs, if any, are still in the run folder", code=1)
     except KeyboardInterrupt:
         fail("interrupted: what this step was writing is not saved; the checkpoints of finished epochs "
              "are (python main.py --eval RUN/best.pt or RUN/checkpoint.pt redoes the final report)", code=130)

@@ -113,12 +113,8 @@ def save_figure(fig, path):
 def reconstruction_grid(net, x, y, path, n=24, per_row=12):
     """Pairs of rows: test digits over their reconstructions σ(decoder(μ)), μ the mean of q(z|x[, y])."""
     x, y = x[:n], y[:n]
-    if isinstance(net, CVAE):
-        mu, _ = net.encode(x, y)
-        x_rec = torch.sigmoid(net.decode(mu, y))
-    else:
-        mu, _ = net.encode(x)
-        x_rec = torch.sigmoid(net.decode(mu))
+    mu, _ = net.encode(x, y)
+    x_rec = torch.sigmoid(net.decode(mu, y))
     rows = [t for i in range(0, len(x), per_row) for t in (x[i:i + per_row], x_rec[i:i + per_row])]
     save_image(torch.cat(rows).cpu(), path, nrow=per_row, padding=2, pad_value=1.0)
 

@@ -251,3 +251,39 @@ def test_eval_refuses_a_flag_that_would_change_the_models_protocol(trained_run, 
     code, _, err = main_in_process(capsys, "--eval", trained_run / "checkpoint.pt", "--binarize", "dynamic",
                                    "--data-dir", tiny_mnist)
     assert code == 2 and "--binarize dynamic differs from the checkpoint's none" in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--epochs", 1], "the checkpoint has already done 1 epochs"),          # nothing left to train
+    (["--out-dir", "elsewhere"], "--out-dir elsewhere differs from the resumed run's"),  # a run stays put
+])
+def test_resume_refuses_what_it_cannot_honour_and_leaves_the_run_alone(trained_run, tiny_mnist, capsys,
+                                                                      args, message):
+    before = {p.name: p.read_bytes() for p in trained_run.iterdir()}
+    code, _, err = main_in_process(capsys, "--resume", trained_run / "checkpoint.pt", *args, "--data-dir", tiny_mnist)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert {p.name: p.read_bytes() for p in trained_run.iterdir()} == before
+
+
+def test_resume_keeps_a_cosine_runs_length(tiny_mnist, tmp_path, capsys):
+    train_tiny(tiny_mnist, tmp_path / "runs", "--epochs", 2, "--max-batches", 1, "--lr-schedule", "cosine")
+    code, _, err = main_in_process(capsys, "--resume", only_run(tmp_path / "runs") / "checkpoint.pt",
+                                   "--epochs", 4, "--data-dir", tiny_mnist)
+    assert code == 2 and "cosine schedule of this run was laid out for 2 epochs" in err
+
+
+def test_a_disk_error_mid_run_gets_one_line_and_exit_code_1(tiny_mnist, tmp_path, capsys, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "checkpoint.pt"))
+    monkeypatch.setattr(main, "save_checkpoint", disk_full)
+    code, _, err = main_in_process(capsys, *TINY, "--epochs", 1, "--data-dir", tiny_mnist, "--out-dir", tmp_path)
+    last = err.strip().splitlines()[-1]                   # after the progress bar
+    assert code == 1 and last.startswith("error: cannot read or write") and "Traceback" not in err
+    assert "No space left on device" in last and "checkpoint.pt" in last
+
+
+def test_an_unreadable_cached_classifier_is_retrained(tiny_mnist, capsys):
+    (tiny_mnist / "classifier.pt").write_bytes(b"not a checkpoint")
+    net, accuracy = main.load_classifier(tiny_mnist, torch.device("cpu"), seed=1)
+    assert "cannot use" in capsys.readouterr().out and 0 <= accuracy <= 1
+    assert torch.load(tiny_mnist / "classifier.pt", weights_only=True)["test_accuracy"] == accuracy

@@ -1,0 +1,93 @@
+"""The pieces of training main.py composes: learning-rate schedules, KL warm-up, dynamic
+binarization reaching the model, and the test-set likelihood of a CVAE."""
+import math
+
+import pytest
+import torch
+
+import losses
+import main
+import models
+
+
+def test_iwae_schedule_is_3_to_the_i_epochs_at_lr_times_10_to_the_minus_i_over_7():
+    # Burda et al. 2015, §5: stage i (i = 0..7) lasts 3^i epochs; 1 + 3 + ... + 3^7 = 3280
+    first_epoch = 1
+    for i in range(8):
+        last_epoch = first_epoch + 3 ** i - 1
+        for epoch in (first_epoch, last_epoch):
+            assert main.lr_at(epoch, 1e-3, "iwae", epochs=3280) == pytest.approx(1e-3 * 10 ** (-i / 7))
+        first_epoch = last_epoch + 1
+    assert first_epoch - 1 == 3280
+    # the paper stops there; a longer run keeps the last rate instead of decaying on
+    assert main.lr_at(5000, 1e-3, "iwae", epochs=5000) == pytest.approx(1e-3 * 10 ** (-1))
+
+
+def test_cosine_schedule_starts_at_lr_halves_midway_and_ends_near_zero():
+    assert main.lr_at(1, 2e-3, "cosine", epochs=100) == pytest.approx(2e-3)
+    assert main.lr_at(51, 2e-3, "cosine", epochs=100) == pytest.approx(1e-3)
+    assert main.lr_at(100, 2e-3, "cosine", epochs=100) == pytest.approx(1e-3 * (1 + math.cos(math.pi * 0.99)))
+    assert main.lr_at(7, 2e-3, "constant", epochs=100) == 2e-3
+
+
+def test_kl_warm_up_rises_linearly_from_0_to_beta():
+    assert main.kl_weight(0, 10, beta=1.0, warmup_epochs=2) == 0
+    assert main.kl_weight(5, 10, beta=1.0, warmup_epochs=2) == pytest.approx(0.25)
+    assert main.kl_weight(20, 10, beta=0.5, warmup_epochs=2) == 0.5
+    assert main.kl_weight(999, 10, beta=0.5, warmup_epochs=2) == 0.5
+    assert main.kl_weight(0, 10, beta=0.5, warmup_epochs=0) == 0.5          # no warm-up: β from the start
+
+
+@pytest.mark.parametrize("binarize", ["none", "dynamic"])
+def test_dynamic_binarization_reaches_the_model_and_is_redrawn_each_epoch(monkeypatch, binarize):
+    x = torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    seen = []
+    real_elbo_terms = main.elbo_terms
+
+    def recording(net, xb, yb, bf16=False):
+        seen.append(xb.clone())
+        return real_elbo_terms(net, xb, yb, bf16)
+    monkeypatch.setattr(main, "elbo_terms", recording)
+    torch.manual_seed(0)
+    net = models.build_model("vae", "mlp", latent_dim=2, hidden_dim=8)
+    cfg = main.Config(batch_size=32, binarize=binarize)
+    optimizer = main.make_optimizer(net, cfg.lr, cfg.adam_eps)
+    for epoch in (1, 2):         # one batch of the same 32 images per epoch, in order
+        main.train_epoch(net, optimizer, x, torch.zeros(32, dtype=torch.long), cfg, None, epoch)
+    if binarize == "none":
+        assert torch.equal(seen[0], x) and torch.equal(seen[1], x)
+    else:
+        assert all(((b == 0) | (b == 1)).all() for b in seen)
+        assert not torch.equal(seen[0], seen[1])                       # redrawn on every use
+        assert abs(seen[0].mean() - x.mean()) < 0.02                   # Bernoulli(pixel): the same mean
+
+
+def test_cvae_test_nll_pairs_every_importance_sample_with_its_own_images_label():
+    """main.test_nll against the same estimate with the labels paired a second, explicit way:
+    losses.iw_log_px hands the decoder z sample-major, (k * n, latent_dim), so row s * n + i is a
+    sample for image i; here every block of n rows is decoded with y itself."""
+    torch.manual_seed(0)
+    net = models.build_model("cvae", "mlp", latent_dim=2, hidden_dim=16).eval()
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 3, 3, 7, 9, 1])
+    with torch.no_grad():
+        net.decoder[0].weight[:, -10:] *= 100        # make the label matter a lot to p(x|y, z)
+
+    def decode_block_by_block(z):
+        return torch.cat([net.decode(block, y) for block in z.split(len(y))])
+    with torch.no_grad(), models.seeded(x.device, 5):
+        reference = losses.iw_log_px(x, lambda v: net.encode(v, y), decode_block_by_block, 8)
+    assert main.test_nll(net, x, y, k=8, seed=5) == pytest.approx(-reference.mean().item(), rel=1e-6)
+    # which would catch a wrong pairing: image-major labels (repeat_interleave) score far apart
+    with torch.no_grad(), models.seeded(x.device, 5):
+        mispaired = losses.iw_log_px(x, lambda v: net.encode(v, y),
+                                     lambda z: net.decode(z, y.repeat_interleave(len(z) // len(y))), 8)
+    assert abs(mispaired.mean() - reference.mean()) > 1
+
+
+def test_vae_sample_refuses_labels_and_log_bernoulli_refuses_an_unbatched_image():
+    net = models.build_model("vae", "mlp", latent_dim=2, hidden_dim=8)
+    with pytest.raises(ValueError, match="cannot draw a chosen digit"):
+        net.sample(3, torch.tensor([7, 7, 7]))
+    with pytest.raises(ValueError, match="a batch of n images"):
+        losses.log_bernoulli(torch.rand(784), torch.zeros(784))
