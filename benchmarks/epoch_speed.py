@@ -2,11 +2,12 @@
 ToTensor loop of the PyTorch example (pytorch/examples vae/main.py) and most tutorials.
 
 Four runs train the same model (784-400-20) with the same objective, Adam 1e-3, batch 128 and
-seed: {DataLoader, in-memory} x {float32, bfloat16 autocast (main.py --precision bf16)}. Their
-epochs are interleaved (epoch 1 of each run, then epoch 2 of each, ...), never two at once, so a
-slow minute on a shared machine slows all four alike, and each ratio is taken epoch by epoch
-against the DataLoader float32 epoch run next to it. All four are scored by the same test -ELBO
-code. Only the way batches reach the model, and the precision, differ.
+seed: {the tutorial's DataLoader loop, main.py's own training epoch} x {float32, bfloat16
+autocast (main.py --precision bf16)}. Their epochs are interleaved (epoch 1 of each run, then
+epoch 2 of each, ...), never two at once, so a slow minute on a shared machine slows all four
+alike, and each ratio is taken epoch by epoch against the DataLoader float32 epoch run next to it. All four are scored by the same test -ELBO
+code. The way batches reach the model and the precision differ; and main.py's epoch also runs
+its NaN guard and progress bar, which the tutorial loop does not have.
 
     python benchmarks/epoch_speed.py                 # 10 epochs each, about 3 minutes on 2 cores
     python benchmarks/epoch_speed.py --epochs 2      # quicker, timing only
@@ -42,11 +43,11 @@ def dataloader_epoch(net, optimizer, loader, device, bf16=False):
         train_step(net, optimizer, x.to(device), bf16)
 
 
-def in_memory_epoch(net, optimizer, x_train, generator, bf16=False):
-    """Ours: one (60000, 1, 28, 28) tensor, batches by shuffled indexing (data.batches)."""
-    net.train()
-    for x, _ in data.batches(x_train, x_train, 128, generator):
-        train_step(net, optimizer, x, bf16)
+def in_memory_epoch(net, optimizer, train_set, generator, epoch, bf16=False):
+    """Ours: main.py's own training epoch (main.train_epoch, NaN guard and progress bar included)
+    over one (60000, 1, 28, 28) tensor, batches by shuffled indexing (data.batches)."""
+    cfg = main.Config(batch_size=128, precision="bf16" if bf16 else "fp32")
+    main.train_epoch(net, optimizer, *train_set, cfg, generator, epoch)
 
 
 def fresh_model(seed, device):
@@ -124,31 +125,31 @@ def main_():
         bf16 = precision == "bf16"
         net, optimizer = fresh_model(args.seed, device)
         runs[f"DataLoader + ToTensor, {precision}"] = net, (
-            lambda net=net, optimizer=optimizer, bf16=bf16: dataloader_epoch(net, optimizer, loader, device, bf16))
+            lambda epoch, net=net, optimizer=optimizer, bf16=bf16: dataloader_epoch(net, optimizer, loader, device, bf16))
         net, optimizer = fresh_model(args.seed, device)
         generator = torch.Generator().manual_seed(args.seed)
-        runs[f"in-memory (data.batches), {precision}"] = net, (
-            lambda net=net, optimizer=optimizer, generator=generator, bf16=bf16:
-            in_memory_epoch(net, optimizer, train_set[0], generator, bf16))
+        runs[f"in-memory (main.train_epoch), {precision}"] = net, (
+            lambda epoch, net=net, optimizer=optimizer, generator=generator, bf16=bf16:
+            in_memory_epoch(net, optimizer, train_set, generator, epoch, bf16))
 
     seconds = {name: [] for name in runs}
-    for _ in range(args.epochs):
+    for epoch in range(1, args.epochs + 1):
         for name, (_, run_epoch) in runs.items():
             start = time.perf_counter()
-            run_epoch()
+            run_epoch(epoch)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds[name].append(time.perf_counter() - start)
 
     baseline = "DataLoader + ToTensor, fp32"
     baseline_test = main.evaluate(runs[baseline][0], *test_set, args.seed)["test_neg_elbo"]
-    print(f"{'':32s} {'median epoch':>12s} {'min':>6s} {'max':>6s}  {'test -ELBO':>10s}  "
+    print(f"{'':36s} {'median epoch':>12s} {'min':>6s} {'max':>6s}  {'test -ELBO':>10s}  "
           f"time / DataLoader fp32 (median of per-epoch ratios, min-max)")
     for name, (net, _) in runs.items():
         test = main.evaluate(net, *test_set, args.seed)["test_neg_elbo"]
         times = seconds[name]
         ratios = [t / b for t, b in zip(times, seconds[baseline])]
-        print(f"{name:32s} {statistics.median(times):10.2f} s {min(times):6.2f} {max(times):6.2f}  "
+        print(f"{name:36s} {statistics.median(times):10.2f} s {min(times):6.2f} {max(times):6.2f}  "
               f"{test:10.2f}  {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}), "
               f"test -ELBO {test - baseline_test:+.2f} nats")
 
