@@ -48,10 +48,10 @@ class BernoulliLogLikelihood(torch.autograd.Function):
       ∂ log p(x|z) / ∂l_d = x_d − σ(l_d)        ∂ log p(x|z) / ∂x_d = l_d
 
     The same number as −binary_cross_entropy_with_logits summed over pixels, about four times
-    faster forward and backward on a CPU (benchmarks/epoch_speed.py times both): PyTorch's softplus goes
-    through log1p, the slowest element-wise function here, while the form below needs only
-    |l|, a sigmoid and a log (see log_bernoulli_samples), and autograd's chain of element-wise
-    backward steps becomes one line.
+    faster forward and backward on a CPU (benchmarks/epoch_speed.py times both): PyTorch's
+    softplus goes through log1p, the slowest element-wise function here, while the form below
+    needs only |l|, a sigmoid and a log (see log_bernoulli_samples), and autograd's chain of
+    element-wise backward steps becomes one line.
     """
     @staticmethod
     def forward(ctx, x_logits, x):
