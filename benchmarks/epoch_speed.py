@@ -5,9 +5,10 @@ Four runs train the same model (784-400-20) with the same objective, Adam 1e-3, 
 seed: {the tutorial's DataLoader loop, main.py's own training epoch} x {float32, bfloat16
 autocast (main.py --precision bf16)}. Their epochs are interleaved (epoch 1 of each run, then
 epoch 2 of each, ...), never two at once, so a slow minute on a shared machine slows all four
-alike, and each ratio is taken epoch by epoch against the DataLoader float32 epoch run next to it. All four are scored by the same test -ELBO
-code. The way batches reach the model and the precision differ; and main.py's epoch also runs
-its NaN guard and progress bar, which the tutorial loop does not have.
+alike, and each ratio is taken epoch by epoch against the DataLoader float32 epoch run next to
+it. All four are scored by the same test -ELBO code. The way batches reach the model and the
+precision differ; and main.py's epoch also runs its NaN guard and progress bar, which the
+tutorial loop does not have.
 
     python benchmarks/epoch_speed.py                 # 10 epochs each, about 3 minutes on 2 cores
     python benchmarks/epoch_speed.py --epochs 2      # quicker, timing only
@@ -56,14 +57,18 @@ def fresh_model(seed, device):
     return net, main.make_optimizer(net, lr=1e-3, eps=1e-8)     # main.py's defaults
 
 
-def gemm_gflops(product, a, b, repeats=200):
-    """GFLOP/s of `product(a, b)` for a (128 x 784) and b (400 x 784): the step's biggest product."""
-    for _ in range(20):
-        product(a, b)
+def seconds_per_call(call, repeats=200, warmup=20):
+    for _ in range(warmup):
+        call()
     start = time.perf_counter()
     for _ in range(repeats):
-        product(a, b)
-    return 2 * 128 * 784 * 400 * repeats / (time.perf_counter() - start) / 1e9
+        call()
+    return (time.perf_counter() - start) / repeats
+
+
+def gemm_gflops(product, a, b):
+    """GFLOP/s of `product(a, b)` for a (128 x 784) and b (400 x 784): the step's biggest product."""
+    return 2 * 128 * 784 * 400 / seconds_per_call(lambda: product(a, b)) / 1e9
 
 
 def gemm_probe():
@@ -81,22 +86,16 @@ def gemm_probe():
           f"float32 via oneDNN {onednn:.0f} GFLOP/s, bfloat16 via oneDNN {bf16:.0f} GFLOP/s")
 
 
-def bernoulli_probe(repeats=200):
+def bernoulli_probe():
     """Forward and backward of log p(x|z) for one batch (128 images): losses.log_bernoulli, whose
     gradient is written out, against the same sum through binary_cross_entropy_with_logits."""
     x = torch.rand(128, 1, 28, 28)
     logits = torch.randn(128, 1, 28, 28, requires_grad=True)
     reference = lambda: -torch.nn.functional.binary_cross_entropy_with_logits(      # noqa: E731
         logits, x, reduction="none").flatten(1).sum(1)
-    seconds = {}
-    for name, log_px in (("binary_cross_entropy_with_logits", reference),
-                         ("losses.log_bernoulli", lambda: losses.log_bernoulli(x, logits))):
-        for _ in range(20):
-            log_px().sum().backward()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            log_px().sum().backward()
-        seconds[name] = (time.perf_counter() - start) / repeats
+    seconds = {name: seconds_per_call(lambda: log_px().sum().backward())
+               for name, log_px in (("binary_cross_entropy_with_logits", reference),
+                                    ("losses.log_bernoulli", lambda: losses.log_bernoulli(x, logits)))}
     assert torch.allclose(reference(), losses.log_bernoulli(x, logits), rtol=1e-5)
     print("log p(x|z), forward + backward of one batch: " + ", ".join(
         f"{name} {1e6 * s:.0f} us" for name, s in seconds.items()))
@@ -142,16 +141,14 @@ def main_():
             seconds[name].append(time.perf_counter() - start)
 
     baseline = "DataLoader + ToTensor, fp32"
-    baseline_test = main.evaluate(runs[baseline][0], *test_set, args.seed)["test_neg_elbo"]
+    tests = {name: main.evaluate(net, *test_set, args.seed)["test_neg_elbo"] for name, (net, _) in runs.items()}
     print(f"{'':36s} {'median epoch':>12s} {'min':>6s} {'max':>6s}  {'test -ELBO':>10s}  "
           f"time / DataLoader fp32 (median of per-epoch ratios, min-max)")
-    for name, (net, _) in runs.items():
-        test = main.evaluate(net, *test_set, args.seed)["test_neg_elbo"]
-        times = seconds[name]
+    for name, times in seconds.items():
         ratios = [t / b for t, b in zip(times, seconds[baseline])]
         print(f"{name:36s} {statistics.median(times):10.2f} s {min(times):6.2f} {max(times):6.2f}  "
-              f"{test:10.2f}  {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}), "
-              f"test -ELBO {test - baseline_test:+.2f} nats")
+              f"{tests[name]:10.2f}  {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}), "
+              f"test -ELBO {tests[name] - tests[baseline]:+.2f} nats")
 
 
 if __name__ == "__main__":
