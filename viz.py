@@ -139,20 +139,27 @@ def samples_by_class(net, path, n_per_class=10, seed=0):
     save_image(images.cpu(), path, nrow=n_per_class, padding=2, pad_value=1.0)
 
 
-TERMS = [("neg_elbo", "−ELBO = reconstruction + KL"), ("recon", "reconstruction −E_q[log p(x|z)]"),
-         ("kl", "KL(q(z|x) ‖ p(z))")]
+def term_names(conditional):
+    """The panel titles of loss_curves: the VAE's distributions, or the CVAE's (given y)."""
+    given = "y, " if conditional else ""
+    return [("neg_elbo", "−ELBO = reconstruction + KL"),
+            ("recon", f"reconstruction −E_q[log p(x|{given}z)]"),
+            ("kl", f"KL(q(z|x{', y' if conditional else ''}) ‖ p(z))")]
+
+
 SPLITS = [("train", "o-", "tab:blue"), ("val", "^-", "tab:green"), ("test", "s-", "tab:orange")]
 
 
-def loss_curves(history, path, title):
-    """−ELBO and its two terms (nats per image) against epoch, train (and val) and test, a panel each.
+def loss_curves(history, path, title, conditional=False):
+    """−ELBO and its two terms (nats per image) against epoch, train (and val) and test, a panel each;
+    conditional: the CVAE's terms, −E_q[log p(x|y, z)] and KL(q(z|x, y) ‖ p(z)).
 
     A line is drawn only where history has its key (train_recon, val_kl, ...): checkpoints
     written before main.py recorded the train terms show the train −ELBO alone.
     """
     long_run = len(history) > 30           # then: no markers, and a log epoch axis that shows both ends
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=120, layout="constrained")
-    for ax, (term, name) in zip(axes, TERMS):
+    for ax, (term, name) in zip(axes, term_names(conditional)):
         for split, style, colour in SPLITS:
             points = [(h["epoch"], h[f"{split}_{term}"]) for h in history if f"{split}_{term}" in h]
             if points:
@@ -503,5 +510,5 @@ def gallery(net, x, y, history, run_dir, seed):
     completions(net, x, y, path("completions.png"), seed=seed)
     anomalies(net, x, y, path("anomaly_histogram.png"), path("least_likely.png"), seed=seed)
     if history:
-        loss_curves(history, path("loss_curves.png"), model_title(net) + ", MNIST")
+        loss_curves(history, path("loss_curves.png"), model_title(net) + ", MNIST", isinstance(net, CVAE))
     return paths

@@ -135,6 +135,10 @@ def test_loss_curves_with_and_without_the_train_terms(tmp_path):
     for name, history in (("old", OLD_HISTORY), ("new", HISTORY), ("val", with_val), ("one", HISTORY[:1])):
         viz.loss_curves(history, tmp_path / f"{name}.png", "VAE (mlp), MNIST")
         assert is_png(tmp_path / f"{name}.png")
+    # the CVAE's panels name its own distributions, which condition on y
+    vae, cvae = (dict(viz.term_names(conditional)) for conditional in (False, True))
+    assert "p(x|z)" in vae["recon"] and "q(z|x)" in vae["kl"]
+    assert "p(x|y, z)" in cvae["recon"] and "q(z|x, y)" in cvae["kl"]
 
 
 @pytest.mark.parametrize("kind", ["vae", "cvae"])
