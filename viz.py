@@ -141,10 +141,10 @@ def samples_by_class(net, path, n_per_class=10, seed=0):
 
 def term_names(conditional):
     """The panel titles of loss_curves: the VAE's distributions, or the CVAE's (given y)."""
-    given = "y, " if conditional else ""
+    likelihood, posterior = ("p(x|y, z)", "q(z|x, y)") if conditional else ("p(x|z)", "q(z|x)")
     return [("neg_elbo", "−ELBO = reconstruction + KL"),
-            ("recon", f"reconstruction −E_q[log p(x|{given}z)]"),
-            ("kl", f"KL(q(z|x{', y' if conditional else ''}) ‖ p(z))")]
+            ("recon", f"reconstruction −E_q[log {likelihood}]"),
+            ("kl", f"KL({posterior} ‖ p(z))")]
 
 
 SPLITS = [("train", "o-", "tab:blue"), ("val", "^-", "tab:green"), ("test", "s-", "tab:orange")]
