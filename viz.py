@@ -49,8 +49,12 @@ def decode_means(net, z, y):
     return torch.sigmoid(net.decode(z, y))
 
 
+# (likelihood, posterior) by whether the model is conditional: the CVAE's both condition on y
+DISTRIBUTIONS = {False: ("p(x|z)", "q(z|x)"), True: ("p(x|y, z)", "q(z|x, y)")}
+
+
 def posterior_name(net):
-    return "q(z|x, y)" if isinstance(net, CVAE) else "q(z|x)"
+    return DISTRIBUTIONS[isinstance(net, CVAE)][1]
 
 
 def mean_name(net):
@@ -141,7 +145,7 @@ def samples_by_class(net, path, n_per_class=10, seed=0):
 
 def term_names(conditional):
     """The panel titles of loss_curves: the VAE's distributions, or the CVAE's (given y)."""
-    likelihood, posterior = ("p(x|y, z)", "q(z|x, y)") if conditional else ("p(x|z)", "q(z|x)")
+    likelihood, posterior = DISTRIBUTIONS[conditional]
     return [("neg_elbo", "−ELBO = reconstruction + KL"),
             ("recon", f"reconstruction −E_q[log {likelihood}]"),
             ("kl", f"KL({posterior} ‖ p(z))")]
