@@ -7,11 +7,14 @@
 Each run writes checkpoint.pt, metrics.json and its pictures into a new folder under --out-dir.
 """
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
 import math
 import os
+import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -147,6 +150,44 @@ def make_run_dir(out_dir, name):
     except OSError as err:
         raise UsageError(f"cannot create a run folder in {out_dir} ({err.strerror}): choose another --out-dir")
     raise UsageError(f"{out_dir} already holds 999 runs named {name}: choose another --out-dir")
+
+
+@contextlib.contextmanager
+def writer_lock(run_dir):
+    """Hold run_dir/writer.lock ("pid@host") while this process trains into run_dir, so that a second
+    process (the same run resumed twice) is refused instead of overwriting the first's checkpoints.
+    A lock left by a process that no longer runs (killed with -9, a crash) is taken over."""
+    lock = run_dir / "writer.lock"
+    for attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            holder = lock.read_text().strip()
+            if attempt or lock_holder_runs(holder):
+                raise UsageError(f"{run_dir} is being written by another process ({holder}): wait for it or stop "
+                                 f"it; if none runs there, delete {lock}") from None
+            lock.unlink(missing_ok=True)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}@{socket.gethostname()}")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def lock_holder_runs(holder):
+    """Whether the process named "pid@host" still runs; True where this machine cannot tell."""
+    pid, _, host = holder.partition("@")
+    if host != socket.gethostname() or os.name == "nt" or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)           # signal 0: no signal sent, only the question "does it exist?"
+    except ProcessLookupError:
+        return False
+    except PermissionError:            # it exists, under another user
+        return True
+    return True
 
 
 def save_atomic(write, path):
@@ -460,7 +501,6 @@ def saved_config(cfg, given, ckpt, may_change, what):
 def train(kind, cfg, device, sets, resume=None):
     """Train one model (kind 'vae' or 'cvae') and write its run folder; returns the folder.
     With resume = (net, ckpt, run_dir), continue that run from the epoch after the checkpoint's."""
-    train_set, val_set, test_set = sets
     torch.manual_seed(cfg.seed)
     latent_dim = cfg.cvae_latent_dim if kind == "cvae" else cfg.latent_dim
     net = models.build_model(kind, cfg.arch, latent_dim, cfg.hidden_dim, cfg.hidden_layers, cfg.activation).to(device)
@@ -478,6 +518,15 @@ def train(kind, cfg, device, sets, resume=None):
     else:
         run_dir = make_run_dir(cfg.out_dir, f"{kind}-{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
     print(f"{kind.upper()} ({cfg.arch}, latent {latent_dim}) on {device}: writing {run_dir}")
+    with writer_lock(run_dir):
+        train_epochs(net, optimizer, cfg, run_cfg, sets, generator, history, first, run_dir)
+        finish(net, kind, cfg, run_cfg, history, sets, run_dir)
+    return run_dir
+
+
+def train_epochs(net, optimizer, cfg, run_cfg, sets, generator, history, first, run_dir):
+    """Epochs first..cfg.epochs; after each, checkpoint.pt, best.pt (best validation ELBO so far)
+    and metrics.json are rewritten, and the epoch's row is appended to history."""
     try:
         for epoch in range(first, cfg.epochs + 1):
             if stop_early(history, cfg):
@@ -491,15 +540,13 @@ def train(kind, cfg, device, sets, resume=None):
                 save_checkpoint(net, None, run_cfg, epoch, so_far, generator, run_dir / "best.pt")
             save_checkpoint(net, optimizer, run_cfg, epoch, so_far, generator, run_dir / "checkpoint.pt")
             write_metrics(run_dir, run_cfg, net, so_far)
-            history = so_far
+            history.append(row)
     except KeyboardInterrupt:
         saved = (run_dir / "checkpoint.pt").is_file()
         hint = f"; continue with: python main.py --resume {run_dir / 'checkpoint.pt'}" if saved else ""
         raise Interrupted(f"interrupted: {last_good(run_dir)}{hint}") from None
     except Diverged as err:
         raise Diverged(f"{err}; {last_good(run_dir)}") from None
-    finish(net, kind, cfg, run_cfg, history, sets, run_dir)
-    return run_dir
 
 
 def last_good(run_dir):
@@ -630,5 +677,14 @@ def main(argv=None):
              "are (python main.py --eval RUN/best.pt or RUN/checkpoint.pt redoes the final report)", code=130)
 
 
+def stop_on_sigterm():
+    """`kill PID` stops a run as Ctrl-C does (the last finished epoch kept, the resume command printed):
+    a job started in the background with nohup or & ignores SIGINT, so SIGTERM is how it is stopped."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 if __name__ == "__main__":
+    stop_on_sigterm()
     main()

@@ -2,7 +2,9 @@
 one-line errors, on tiny IDX files. The promises are checked through the real command line (a
 subprocess); the runs they are compared with go through main.main in this process, which is faster."""
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -84,7 +86,10 @@ def test_a_run_stopped_after_epoch_2_and_resumed_ends_exactly_like_the_uninterru
     assert without_timings(a) == without_timings(b)
 
 
-def test_ctrl_c_keeps_the_last_epoch_and_the_run_resumes_to_the_same_weights(tiny_mnist, tmp_path):
+# SIGINT is Ctrl-C in a terminal; SIGTERM is `kill PID`, how a job started with nohup or & (which
+# ignores SIGINT) is stopped
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_kill_keeps_the_last_epoch_and_the_run_resumes_to_the_same_weights(tiny_mnist, tmp_path, stop):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *map(str, TINY), "--epochs", "1000",
                              "--data-dir", str(tiny_mnist), "--out-dir", str(out)],
@@ -96,13 +101,14 @@ def test_ctrl_c_keeps_the_last_epoch_and_the_run_resumes_to_the_same_weights(tin
     while time.time() < deadline and not list(out.glob("*/checkpoint.pt")):
         time.sleep(0.05)
     time.sleep(0.2)                                        # somewhere in a later epoch
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     last = err.strip().splitlines()[-1]                   # after the progress bars on stderr
     assert last.startswith("error: interrupted") and "--resume" in last and "Traceback" not in err, err
     run_dir = only_run(out)
     assert not list(run_dir.glob("*.tmp"))                 # no half-written file left behind
+    assert not (run_dir / "writer.lock").exists()          # nor a lock that would refuse the resume
     k = torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"]
     assert 1 <= k < 1000 and f"holds epoch {k}" in err
     main.main(["--resume", str(run_dir / "checkpoint.pt"), "--epochs", str(k + 2)])
@@ -263,6 +269,25 @@ def test_resume_refuses_what_it_cannot_honour_and_leaves_the_run_alone(trained_r
     code, _, err = main_in_process(capsys, "--resume", trained_run / "checkpoint.pt", *args, "--data-dir", tiny_mnist)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert {p.name: p.read_bytes() for p in trained_run.iterdir()} == before
+
+
+def test_a_run_being_written_by_another_process_is_not_resumed_a_second_time(trained_run, tiny_mnist, capsys):
+    lock = trained_run / "writer.lock"
+    lock.write_text(f"{os.getpid()}@{socket.gethostname()}")          # this process runs: a live writer
+    before = {p.name: p.read_bytes() for p in trained_run.iterdir()}
+    code, _, err = main_in_process(capsys, "--resume", trained_run / "checkpoint.pt", "--epochs", 2,
+                                   "--data-dir", tiny_mnist)
+    assert code == 2 and "is being written by another process" in err and str(lock) in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in trained_run.iterdir()} == before
+
+
+def test_a_lock_left_by_a_process_that_has_ended_is_taken_over(trained_run, tiny_mnist):
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (trained_run / "writer.lock").write_text(f"{ended.stdout.strip()}@{socket.gethostname()}")
+    main.main(["--resume", str(trained_run / "checkpoint.pt"), "--epochs", "2", "--data-dir", str(tiny_mnist)])
+    assert torch.load(trained_run / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert not (trained_run / "writer.lock").exists()                 # released at the end
 
 
 def test_resume_keeps_a_cosine_runs_length(tiny_mnist, tmp_path, capsys):
