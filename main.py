@@ -37,11 +37,11 @@ import viz
 class Config:
     # what to train
     model: str = field(default="both", metadata={"help": "vae, cvae, or both (the VAE, then the CVAE)"})
-    arch: str = field(default="mlp", metadata={"help": "mlp (784-400-20) or conv (32-64-128 channels, 500 dense)"})
+    arch: str = field(default="mlp", metadata={"help": "mlp (784-400-20) or conv (32-64 channels, 256 dense)"})
     latent_dim: int = field(default=20, metadata={"help": "size of the VAE's z"})
     cvae_latent_dim: int = field(default=2, metadata={"help": "size of the CVAE's z: small, so z holds the style "
                                                       "and y the class (README, 'Does the CVAE draw the digit asked for?')"})
-    hidden_dim: int = field(default=0, metadata={"help": "units per dense hidden layer; 0 = the arch's default (mlp 400, conv 500)"})
+    hidden_dim: int = field(default=0, metadata={"help": "units per dense hidden layer; 0 = the arch's default (mlp 400, conv 256)"})
     hidden_layers: int = field(default=1, metadata={"help": "dense hidden layers in the encoder and in the decoder "
                                                     "(IWAE's MNIST model: 2 layers of 200, tanh)"})
     activation: str = field(default="relu", metadata={"help": "relu or tanh, after every hidden layer"})

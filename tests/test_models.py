@@ -28,10 +28,33 @@ def test_default_sizes_are_the_papers():
     mlp = models.build_model("vae", "mlp", latent_dim=20, hidden_dim=0)
     assert mlp.encoder[1].weight.shape == (400, 784) and mlp.enc_mu.weight.shape == (20, 400)
     conv = models.build_model("vae", "conv", latent_dim=20, hidden_dim=0)
-    assert conv.enc_mu.weight.shape == (20, 500)
+    assert conv.enc_mu.weight.shape == (20, 256)
     cvae = models.build_model("cvae", "mlp", latent_dim=20, hidden_dim=0)
     assert cvae.encoder[1].weight.shape == (400, 784 + 10)     # the label joins the encoder input
     assert cvae.decoder[0].weight.shape == (400, 20 + 10)      # and z
+
+
+@pytest.mark.parametrize("kind", ["vae", "cvae"])
+def test_conv_weights_are_channels_last_and_compute_the_same_function(kind):
+    """build_model stores the conv weights channels-last for speed; a copy in the default
+    (NCHW) layout gives the same logits and gradients up to float32 rounding."""
+    torch.manual_seed(0)
+    net = models.build_model(kind, "conv", latent_dim=4, hidden_dim=0)
+    conv_weights = [m.weight for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert conv_weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights)
+    nchw = models.build_model(kind, "conv", latent_dim=4, hidden_dim=0).to(memory_format=torch.contiguous_format)
+    nchw.load_state_dict(net.state_dict())
+    assert not nchw.encoder[2].weight.is_contiguous(memory_format=torch.channels_last)   # (64, 32, 4, 4)
+    x, y, z = torch.rand(6, 1, 28, 28), torch.arange(6), torch.randn(6, 4)
+    outputs = []
+    for model in (net, nchw):
+        model.zero_grad()
+        mu, logvar = model.encode(x, y)
+        x_logits = model.decode(z, y)
+        (x_logits.sum() + mu.sum() + logvar.sum()).backward()
+        outputs.append([mu, logvar, x_logits] + [p.grad for p in model.parameters()])
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
