@@ -61,7 +61,7 @@ def conv_encoder(hidden_dim, label_dim=0, hidden_layers=1, activation="relu"):
 def conv_decoder(in_dim, hidden_dim, hidden_layers=1, activation="relu"):
     """z (n, in_dim) -> x_logits (n, 1, 28, 28): the encoder mirrored with transposed convolutions.
     The decoder runs K times per image in the K = 5000 likelihood estimate, so it is kept small:
-    about 2.5 million multiply-adds per z, a fifth of them in the dense layers."""
+    about 2.5 million multiply-adds per z, a third of them in the dense layers."""
     act = ACTIVATIONS[activation]
     return nn.Sequential(
         *dense_stack(in_dim, hidden_dim, hidden_layers, activation),
