@@ -37,11 +37,15 @@ import viz
 class Config:
     # what to train
     model: str = field(default="both", metadata={"help": "vae, cvae, or both (the VAE, then the CVAE)"})
-    arch: str = field(default="mlp", metadata={"help": "mlp (784-400-20) or conv (32-64 channels, 256 dense)"})
+    arch: str = field(default="mlp", metadata={"help": "mlp (784-400-20) or conv (source B's: 32-64-128 channels, "
+                                               "500 dense; see --conv-channels)"})
     latent_dim: int = field(default=20, metadata={"help": "size of the VAE's z"})
     cvae_latent_dim: int = field(default=2, metadata={"help": "size of the CVAE's z: small, so z holds the style "
                                                       "and y the class (README, 'Does the CVAE draw the digit asked for?')"})
-    hidden_dim: int = field(default=0, metadata={"help": "units per dense hidden layer; 0 = the arch's default (mlp 400, conv 256)"})
+    hidden_dim: int = field(default=0, metadata={"help": "units per dense hidden layer; 0 = the arch's default (mlp 400, conv 500)"})
+    conv_channels: str = field(default="32,64,128", metadata={"help": "conv arch: channels of the encoder's conv layers, "
+                                                            "mirrored by the decoder; the first two have stride 2 "
+                                                            "(28 -> 14 -> 7), the rest stride 1"})
     hidden_layers: int = field(default=1, metadata={"help": "dense hidden layers in the encoder and in the decoder "
                                                     "(IWAE's MNIST model: 2 layers of 200, tanh)"})
     activation: str = field(default="relu", metadata={"help": "relu or tanh, after every hidden layer"})
@@ -68,7 +72,8 @@ class Config:
     # evaluation and housekeeping
     iw_samples: int = field(default=100, metadata={"help": "K of the importance-weighted test log-likelihood at the "
                                                    "end (papers: 5000); 0 = skip"})
-    device: str = field(default="auto", metadata={"help": "auto (CUDA when available), cpu or cuda"})
+    device: str = field(default="auto", metadata={"help": "auto (the accelerator torch finds: CUDA, MPS, XPU, ...; "
+                                                  "else the CPU), cpu, or a device such as cuda, cuda:1, mps, xpu"})
     data_dir: str = field(default="data", metadata={"help": "folder holding MNIST/raw/ (shipped in data/)"})
     out_dir: str = field(default="results", metadata={"help": "each run writes a new folder in here"})
     max_batches: int = field(default=0, metadata={"help": "stop each epoch after this many batches (smoke runs); 0 = all"})
@@ -76,7 +81,7 @@ class Config:
     resume: str = field(default="", metadata={"help": "path to a run's checkpoint.pt: continue that run where it stopped"})
 
 
-CHOICES = {"model": ["vae", "cvae", "both"], "arch": ["mlp", "conv"], "device": ["auto", "cpu", "cuda"],
+CHOICES = {"model": ["vae", "cvae", "both"], "arch": ["mlp", "conv"],
            "activation": ["relu", "tanh"], "lr_schedule": ["constant", "cosine", "iwae"],
            "binarize": ["none", "dynamic"], "precision": ["fp32", "bf16"]}
 # A resumed or evaluated run keeps its configuration; only these may change on the command line.
@@ -120,6 +125,10 @@ def check_config(cfg):
     for name in ("lr", "adam_eps"):
         if not getattr(cfg, name) > 0:
             raise UsageError(f"{flag(name)} must be a positive number, got {getattr(cfg, name)}")
+    channels = cfg.conv_channels.replace(" ", "").split(",")
+    if len(channels) < 2 or not all(c.isdigit() and int(c) > 0 for c in channels):
+        raise UsageError(f"--conv-channels {cfg.conv_channels!r}: give two or more positive channel counts "
+                         f"separated by commas, e.g. 32,64,128")
     if not cfg.beta >= 0:
         raise UsageError(f"--beta must be 0 or more, got {cfg.beta}")
     if cfg.patience and not cfg.val_size:
@@ -128,12 +137,32 @@ def check_config(cfg):
         raise UsageError("--eval and --resume exclude each other: evaluate a checkpoint, or continue its run")
 
 
-def pick_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but CUDA is not available: use --device cpu or auto")
+def conv_channels(cfg):
+    """--conv-channels "32,64,128" -> (32, 64, 128)."""
+    return tuple(int(c) for c in cfg.conv_channels.split(","))
+
+
+def pick_device(name, precision="fp32"):
+    """--device: auto is the accelerator torch was built for and finds (CUDA, Apple MPS, Intel XPU,
+    ...), else the CPU; a named device must be that accelerator, or the CPU."""
+    accelerator = torch.accelerator.current_accelerator(check_available=True)      # None: CPU only
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        device = accelerator or torch.device("cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UsageError(f"--device {name}: not a device name; use auto, cpu, cuda, mps, xpu, ...") from None
+        here = f"this machine's accelerator is {accelerator.type}" if accelerator else "this machine has none"
+        if device.type != "cpu" and (accelerator is None or device.type != accelerator.type):
+            raise UsageError(f"--device {name} was asked for but {device.type} is not available ({here}): "
+                             f"use --device auto or cpu")
+        if device.type != "cpu" and (device.index or 0) >= torch.accelerator.device_count():
+            raise UsageError(f"--device {name}: there are only {torch.accelerator.device_count()} "
+                             f"{device.type} devices; use --device {device.type}")
+    if precision == "bf16" and not torch.amp.is_autocast_available(device.type):
+        raise UsageError(f"--precision bf16 needs torch.autocast, which {device.type} lacks: use --precision fp32")
+    return device
 
 
 def make_run_dir(out_dir, name):
@@ -223,9 +252,14 @@ def elbo_terms(net, x, y, bf16=False):
     return losses.elbo(x, x_logits, mu, logvar)
 
 
+FUSED_ADAM_DEVICES = {"cpu", "cuda", "mps", "xpu", "hpu"}     # where torch.optim.Adam has a fused kernel
+
+
 def make_optimizer(net, lr, eps):
-    """Adam; the fused kernel updates all parameters in one call (about 10% of a CPU epoch saved)."""
-    return torch.optim.Adam(net.parameters(), lr=lr, eps=eps, fused=True)
+    """Adam; the fused kernel updates all parameters in one call (about 10% of a CPU epoch saved),
+    on the devices that have one; elsewhere the default (foreach) implementation."""
+    fused = next(net.parameters()).device.type in FUSED_ADAM_DEVICES
+    return torch.optim.Adam(net.parameters(), lr=lr, eps=eps, fused=fused or None)
 
 
 IWAE_STAGES = 8       # Burda et al. 2015, §5: 3^i epochs at lr * 10^(-i/7), i = 0..7: 3280 epochs
@@ -440,6 +474,7 @@ def draw(net, test, history, report, run_dir, seed):
     net.eval()
     viz.reconstruction_grid(net, x_test, y_test, run_dir / "reconstructions.png")
     viz.sample_grid(net, run_dir / "samples.png", seed=seed)
+    viz.sample_grid(net, run_dir / "samples_10.png", n=10, seed=seed)   # source B's eval output: 10 z ~ N(0, I)
     if isinstance(net, models.CVAE):
         viz.samples_by_class(net, run_dir / "samples_by_class.png", seed=seed)
     viz.gallery(net, x_test, y_test, history, run_dir, seed)
@@ -454,9 +489,7 @@ def save_checkpoint(net, optimizer, cfg, epoch, history, generator, path):
             "config": dataclasses.asdict(cfg), "epoch": epoch, "history": history}
     if optimizer is not None:
         ckpt["optimizer"] = optimizer.state_dict()
-        ckpt["rng"] = {"torch": torch.get_rng_state(), "shuffle": generator.get_state()}
-        if torch.cuda.is_available():
-            ckpt["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        ckpt["rng"] = {"torch": torch.get_rng_state(), "shuffle": generator.get_state(), **accelerator_rng()}
     save_atomic(lambda p: torch.save(ckpt, p), path)
 
 
@@ -489,6 +522,9 @@ def saved_config(cfg, given, ckpt, may_change, what):
     version's) are dropped, missing ones take today's defaults."""
     fields = {f.name for f in dataclasses.fields(Config)}
     stored = {k: v for k, v in (ckpt.get("config") or {}).items() if k in fields}
+    if stored.get("arch") == "conv" and "conv_channels" not in stored:   # written before the flag existed
+        stored["conv_channels"] = ",".join(map(str, ckpt["model_args"].get("conv_channels")
+                                               or models.LEGACY_CONV_CHANNELS))
     saved = Config(**{**dataclasses.asdict(Config()), **stored})
     for name in sorted(given - may_change):
         if getattr(cfg, name) != getattr(saved, name):
@@ -503,7 +539,8 @@ def train(kind, cfg, device, sets, resume=None):
     With resume = (net, ckpt, run_dir), continue that run from the epoch after the checkpoint's."""
     torch.manual_seed(cfg.seed)
     latent_dim = cfg.cvae_latent_dim if kind == "cvae" else cfg.latent_dim
-    net = models.build_model(kind, cfg.arch, latent_dim, cfg.hidden_dim, cfg.hidden_layers, cfg.activation).to(device)
+    net = models.build_model(kind, cfg.arch, latent_dim, cfg.hidden_dim, cfg.hidden_layers, cfg.activation,
+                             conv_channels(cfg)).to(device)
     optimizer = make_optimizer(net, cfg.lr, cfg.adam_eps)
     generator = torch.Generator().manual_seed(cfg.seed)          # the shuffling order
     run_cfg = dataclasses.replace(cfg, model=kind, resume="")
@@ -561,11 +598,29 @@ class Interrupted(Exception):
     """Ctrl-C during training: the last finished epoch's checkpoint is on disk."""
 
 
+def accelerator_rng():
+    """{device type: [random state of each device]} of the accelerator, if any ({} on a CPU)."""
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    if accelerator is None:
+        return {}
+    module = torch.get_device_module(accelerator)
+    if hasattr(module, "get_rng_state_all"):                        # CUDA, XPU: one state per device
+        return {accelerator.type: module.get_rng_state_all()}
+    return {accelerator.type: [module.get_rng_state()]}              # MPS: a single device
+
+
 def restore_rng(rng, generator):
+    """Set the random states a checkpoint saved; an accelerator's only where the same kind is here
+    (a run moved from CUDA to the CPU continues with the CPU's stream, no longer bit for bit)."""
     torch.set_rng_state(rng["torch"].cpu())
     generator.set_state(rng["shuffle"].cpu())
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([state.cpu() for state in rng["cuda"]])
+    for kind, states in accelerator_rng().items():
+        if len(rng.get(kind, [])) == len(states):
+            module = torch.get_device_module(kind)
+            if hasattr(module, "set_rng_state_all"):
+                module.set_rng_state_all([state.cpu() for state in rng[kind]])
+            else:
+                module.set_rng_state(rng[kind][0].cpu())
 
 
 def stop_early(history, cfg):
@@ -623,7 +678,7 @@ def evaluate_checkpoint(cfg, given, net, ckpt):
 
 def run(cfg, given=frozenset()):
     check_config(cfg)
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, cfg.precision)
     if cfg.eval:
         net, ckpt = read_checkpoint(cfg.eval, device)      # refuse a bad checkpoint before loading data
         return [evaluate_checkpoint(cfg, given, net, ckpt)]
@@ -635,6 +690,7 @@ def run(cfg, given=frozenset()):
         run_dir = Path(cfg.resume).parent
         cfg = dataclasses.replace(saved_config(cfg, given, ckpt, RESUMABLE, "resumed run"), eval="")
         check_config(cfg)
+        pick_device(cfg.device, cfg.precision)            # the run's own precision, on this device
         check_resume(cfg, ckpt)
         return [train(cfg.model, cfg, device, load_sets(cfg, device), (net, ckpt, run_dir))]
     sets = load_sets(cfg, device)

@@ -15,7 +15,10 @@ import torch.nn.functional as F
 IMAGE_SHAPE = (1, 28, 28)
 X_DIM = 28 * 28
 N_CLASSES = 10
-DEFAULT_HIDDEN_DIM = {"mlp": 400, "conv": 256}   # AEVB's MNIST MLP / the conv model's dense layer
+DEFAULT_HIDDEN_DIM = {"mlp": 400, "conv": 500}   # AEVB's MNIST MLP / source B's conv dense layer
+# Conv checkpoints written before the channels were a flag hold no "conv_channels": they were
+# built with (32, 64), which build_model therefore takes when none is given.
+LEGACY_CONV_CHANNELS = (32, 64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,26 +51,42 @@ def mlp_decoder(in_dim, hidden_dim, hidden_layers=1, activation="relu"):
     )
 
 
-def conv_encoder(hidden_dim, label_dim=0, hidden_layers=1, activation="relu"):
-    """x (n, 1 + label_dim, 28, 28) -> h (n, hidden_dim): two stride-2 convolutions, 28 -> 14 -> 7."""
-    act = ACTIVATIONS[activation]
+def conv_layers(channels, activation, transposed=False):
+    """The conv stack of `channels` (c_0 = input planes, c_1, ..., c_L), or its mirror image.
+
+    The first two layers have stride 2 (4x4 kernels: 28 -> 14 -> 7), any further one stride 1
+    (3x3 kernels, 7 -> 7), so every body ends on 7x7 maps. transposed=True builds the decoder's
+    mirror: c_L -> ... -> c_0 with transposed convolutions, the same stride at the same depth,
+    and no activation after the last layer (it outputs logits)."""
+    shapes = [(c_in, c_out, 4 if i < 2 else 3, 2 if i < 2 else 1, 1)       # (in, out, kernel, stride, pad)
+              for i, (c_in, c_out) in enumerate(zip(channels, channels[1:]))]
+    if transposed:
+        shapes = [(c_out, c_in, k, s, p) for c_in, c_out, k, s, p in reversed(shapes)]
+    conv = nn.ConvTranspose2d if transposed else nn.Conv2d
+    layers = []
+    for c_in, c_out, k, s, p in shapes:
+        layers += [conv(c_in, c_out, k, stride=s, padding=p), ACTIVATIONS[activation]()]
+    return layers[:-1] if transposed else layers
+
+
+def conv_encoder(hidden_dim, label_dim=0, hidden_layers=1, activation="relu", channels=(32, 64)):
+    """x (n, 1 + label_dim, 28, 28) -> h (n, hidden_dim): the conv stack (28 -> 14 -> 7 -> ... 7),
+    then dense layers. Source B's encoder: channels (32, 64, 128), one dense layer of 500."""
     return nn.Sequential(
-        nn.Conv2d(1 + label_dim, 32, 4, stride=2, padding=1), act(),   # (n, 32, 14, 14)
-        nn.Conv2d(32, 64, 4, stride=2, padding=1), act(),              # (n, 64, 7, 7)
-        nn.Flatten(), *dense_stack(64 * 7 * 7, hidden_dim, hidden_layers, activation),  # (n, hidden_dim)
+        *conv_layers((1 + label_dim, *channels), activation),                 # (n, c_L, 7, 7)
+        nn.Flatten(), *dense_stack(channels[-1] * 7 * 7, hidden_dim, hidden_layers, activation),
     )
 
 
-def conv_decoder(in_dim, hidden_dim, hidden_layers=1, activation="relu"):
+def conv_decoder(in_dim, hidden_dim, hidden_layers=1, activation="relu", channels=(32, 64)):
     """z (n, in_dim) -> x_logits (n, 1, 28, 28): the encoder mirrored with transposed convolutions.
-    The decoder runs K times per image in the K = 5000 likelihood estimate, so it is kept small:
-    about 2.5 million multiply-adds per z, a third of them in the dense layers."""
-    act = ACTIVATIONS[activation]
+    The decoder runs K times per image in the K = 5000 likelihood estimate: with channels (32, 64)
+    and 256 units, about 2.5 million multiply-adds per z; source B's (32, 64, 128) and 500, 13 million."""
     return nn.Sequential(
         *dense_stack(in_dim, hidden_dim, hidden_layers, activation),
-        nn.Linear(hidden_dim, 64 * 7 * 7), act(), nn.Unflatten(1, (64, 7, 7)),
-        nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1), act(),    # (n, 32, 14, 14)
-        nn.ConvTranspose2d(32, 1, 4, stride=2, padding=1),            # (n, 1, 28, 28) logits
+        nn.Linear(hidden_dim, channels[-1] * 7 * 7), ACTIVATIONS[activation](),
+        nn.Unflatten(1, (channels[-1], 7, 7)),                                # (n, c_L, 7, 7)
+        *conv_layers((1, *channels), activation, transposed=True),            # (n, 1, 28, 28) logits
     )
 
 
@@ -85,29 +104,39 @@ def reparameterize(mu, logvar):
 def seeded(device, seed):
     """Random numbers on `device` start from `seed` inside; outside, the global random state is as
     it was, so seeded evaluation and pictures never shift the training run's random stream."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    on_accelerator = device.type != "cpu"          # CUDA, MPS, XPU, ...: fork that device's stream too
+    with torch.random.fork_rng(devices=[device] if on_accelerator else [],
+                               device_type=device.type if on_accelerator else None):
         torch.manual_seed(seed)
         yield
 
 
-def check_arch(arch, activation="relu"):
+def body_args(arch, hidden_layers, activation, conv_channels):
+    """The keyword arguments of the arch's encoder and decoder, checked; conv_channels is
+    (c_1, ..., c_L) for the conv body, at least two layers to reach 7x7, and None for the MLP."""
     if arch not in BODIES:
         raise ValueError(f"unknown architecture {arch!r}: use one of {sorted(BODIES)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}: use one of {sorted(ACTIVATIONS)}")
+    body = {"hidden_layers": hidden_layers, "activation": activation}
+    if arch == "mlp":
+        return body
+    if not conv_channels or len(conv_channels) < 2 or min(conv_channels) < 1:
+        raise ValueError(f"conv_channels {conv_channels!r}: give two or more positive channel counts, e.g. (32, 64, 128)")
+    return {**body, "channels": tuple(conv_channels)}
 
 
 # ---------------------------------------------------------------------------------------------
 # The two models. Same shape of code; the CVAE's label enters visibly in encode and decode.
 # ---------------------------------------------------------------------------------------------
 class VAE(nn.Module):
-    def __init__(self, arch="mlp", latent_dim=20, hidden_dim=400, hidden_layers=1, activation="relu"):
+    def __init__(self, arch="mlp", latent_dim=20, hidden_dim=400, hidden_layers=1, activation="relu",
+                 conv_channels=None):
         super().__init__()
-        check_arch(arch, activation)
+        body = body_args(arch, hidden_layers, activation, conv_channels)
         make_encoder, make_decoder = BODIES[arch]
         self.arch, self.latent_dim, self.hidden_dim = arch, latent_dim, hidden_dim
-        self.hidden_layers, self.activation = hidden_layers, activation
-        body = {"hidden_layers": hidden_layers, "activation": activation}
+        self.hidden_layers, self.activation, self.conv_channels = hidden_layers, activation, conv_channels
         self.encoder = make_encoder(hidden_dim, **body)
         self.enc_mu = nn.Linear(hidden_dim, latent_dim)        # mean of q(z|x)
         self.enc_logvar = nn.Linear(hidden_dim, latent_dim)    # log σ² of q(z|x)
@@ -141,14 +170,13 @@ class VAE(nn.Module):
 
 class CVAE(nn.Module):
     def __init__(self, arch="mlp", latent_dim=20, hidden_dim=400, hidden_layers=1, activation="relu",
-                 n_classes=N_CLASSES):
+                 conv_channels=None, n_classes=N_CLASSES):
         super().__init__()
-        check_arch(arch, activation)
+        body = body_args(arch, hidden_layers, activation, conv_channels)
         make_encoder, make_decoder = BODIES[arch]
         self.arch, self.latent_dim, self.hidden_dim = arch, latent_dim, hidden_dim
-        self.hidden_layers, self.activation = hidden_layers, activation
+        self.hidden_layers, self.activation, self.conv_channels = hidden_layers, activation, conv_channels
         self.n_classes = n_classes
-        body = {"hidden_layers": hidden_layers, "activation": activation}
         self.encoder = make_encoder(hidden_dim, label_dim=n_classes, **body)    # sees x and y
         self.enc_mu = nn.Linear(hidden_dim, latent_dim)                 # mean of q(z|x, y)
         self.enc_logvar = nn.Linear(hidden_dim, latent_dim)             # log σ² of q(z|x, y)
@@ -194,11 +222,14 @@ class CVAE(nn.Module):
 MODELS = {"vae": VAE, "cvae": CVAE}
 
 
-def build_model(model, arch, latent_dim, hidden_dim, hidden_layers=1, activation="relu"):
-    """The model named `model` ('vae' or 'cvae'); hidden_dim 0 means the arch's default."""
+def build_model(model, arch, latent_dim, hidden_dim, hidden_layers=1, activation="relu",
+                conv_channels=LEGACY_CONV_CHANNELS):
+    """The model named `model` ('vae' or 'cvae'); hidden_dim 0 means the arch's default.
+    conv_channels is used by the conv arch only (main.py passes --conv-channels)."""
     hidden_dim = hidden_dim or DEFAULT_HIDDEN_DIM[arch]
-    net = MODELS[model](arch=arch, latent_dim=latent_dim, hidden_dim=hidden_dim,
-                        hidden_layers=hidden_layers, activation=activation)
+    conv_channels = tuple(conv_channels) if arch == "conv" and conv_channels else None
+    net = MODELS[model](arch=arch, latent_dim=latent_dim, hidden_dim=hidden_dim, hidden_layers=hidden_layers,
+                        activation=activation, conv_channels=conv_channels)
     # Convolution weights stored channels-last (NHWC): oneDNN then runs every convolution in that
     # layout, 1.3x faster to train and 1.4x faster to evaluate on this project's CPU. The same
     # function up to float rounding (tests/test_models.py compares it with the NCHW layout).
@@ -209,7 +240,8 @@ def model_args(net):
     """The arguments that rebuild `net` with build_model, stored in every checkpoint."""
     kind = "cvae" if isinstance(net, CVAE) else "vae"
     return {"model": kind, "arch": net.arch, "latent_dim": net.latent_dim, "hidden_dim": net.hidden_dim,
-            "hidden_layers": net.hidden_layers, "activation": net.activation}
+            "hidden_layers": net.hidden_layers, "activation": net.activation,
+            "conv_channels": list(net.conv_channels) if net.conv_channels else None}
 
 
 def load_state(net, state):

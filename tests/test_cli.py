@@ -64,7 +64,7 @@ def check_report(report, kind):
 
 def pictures(kind):
     """The pictures of a run with the VAE's latent 3 and the CVAE's latent 2 (which adds the manifold)."""
-    names = {"reconstructions.png", "samples.png", "loss_curves.png", "kl_per_dim.png", "latent_space.png",
+    names = {"reconstructions.png", "samples.png", "samples_10.png", "loss_curves.png", "kl_per_dim.png", "latent_space.png",
              "interpolations.png", "traversals.png", "completions.png", "anomaly_histogram.png",
              "least_likely.png"}
     return names | ({"samples_by_class.png", "analogies.png", "manifold.png"} if kind == "cvae" else set())

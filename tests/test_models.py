@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import models
+from conftest import ROOT
 
 PAIRS = [(kind, arch) for kind in ("vae", "cvae") for arch in ("mlp", "conv")]
 
@@ -27,8 +28,8 @@ def test_shapes(kind, arch):
 def test_default_sizes_are_the_papers():
     mlp = models.build_model("vae", "mlp", latent_dim=20, hidden_dim=0)
     assert mlp.encoder[1].weight.shape == (400, 784) and mlp.enc_mu.weight.shape == (20, 400)
-    conv = models.build_model("vae", "conv", latent_dim=20, hidden_dim=0)
-    assert conv.enc_mu.weight.shape == (20, 256)
+    conv = models.build_model("vae", "conv", latent_dim=20, hidden_dim=0, conv_channels=(32, 64, 128))
+    assert conv.enc_mu.weight.shape == (20, 500)                   # source B's dense layer
     cvae = models.build_model("cvae", "mlp", latent_dim=20, hidden_dim=0)
     assert cvae.encoder[1].weight.shape == (400, 784 + 10)     # the label joins the encoder input
     assert cvae.decoder[0].weight.shape == (400, 20 + 10)      # and z
@@ -154,3 +155,39 @@ def test_bf16_training_step_gives_nearly_the_float32_elbo_and_gradient(kind):
     assert not torch.equal(elbo32, elbo16)                          # bf16 really ran
     assert torch.allclose(elbo16, elbo32, rtol=0.01)
     assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.99
+
+
+def test_source_b_conv_model_is_built_as_described():
+    """Source B (../shared/seeds/002_...): convs 1-32-64-128 with two stride-2 layers (28 -> 7) and
+    one that keeps 7x7, a 500-unit dense layer, 20-d z; the decoder mirrors it back to 28x28."""
+    import main
+    net = models.build_model("vae", "conv", latent_dim=20, hidden_dim=0, conv_channels=main.conv_channels(main.Config()))
+    convs = [m for m in net.encoder if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.stride[0]) for c in convs] == [(1, 32, 2), (32, 64, 2), (64, 128, 1)]
+    deconvs = [m for m in net.decoder if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [(c.in_channels, c.out_channels, c.stride[0]) for c in deconvs] == [(128, 64, 1), (64, 32, 2), (32, 1, 2)]
+    h = torch.rand(2, 1, 28, 28)
+    for layer in net.encoder[:6]:
+        h = layer(h)
+    assert h.shape == (2, 128, 7, 7)
+    dense = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in dense] == [(128 * 49, 500), (500, 20), (500, 20), (20, 500), (500, 128 * 49)]
+    assert net.decode(torch.randn(2, 20)).shape == (2, 1, 28, 28)
+
+
+def test_conv_checkpoints_from_before_the_channels_flag_still_load():
+    """checkpoints/vae-conv-binarized.pt stores no conv_channels: it is the 32-64 model, and
+    --eval/--resume read that back into the run's configuration."""
+    import main
+    ckpt = torch.load(ROOT / "checkpoints" / "vae-conv-binarized.pt", weights_only=True)
+    assert "conv_channels" not in ckpt["model_args"]
+    net, _ = main.read_checkpoint(ROOT / "checkpoints" / "vae-conv-binarized.pt", torch.device("cpu"))
+    assert net.conv_channels == (32, 64) and models.model_args(net)["conv_channels"] == [32, 64]
+    cfg = main.saved_config(main.Config(), set(), ckpt, main.EVALUABLE, "checkpoint")
+    assert cfg.conv_channels == "32,64"
+
+
+@pytest.mark.parametrize("channels", [(), (32,), (32, 0)])
+def test_too_few_or_empty_conv_channels_are_refused(channels):
+    with pytest.raises(ValueError, match="two or more positive channel counts"):
+        models.build_model("vae", "conv", latent_dim=2, hidden_dim=8, conv_channels=channels)

@@ -182,11 +182,59 @@ def test_more_bad_input_gets_one_line_and_exit_code_2(tiny_mnist, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
-def test_device_cuda_without_cuda_is_refused(tiny_mnist, tmp_path, capsys):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    code, _, err = main_in_process(capsys, "--device", "cuda", "--data-dir", tiny_mnist, "--out-dir", tmp_path)
-    assert code == 2 and "CUDA is not available" in err
+@pytest.mark.parametrize("device", ["cuda", "mps", "xpu", "cuda:7"])
+def test_an_absent_accelerator_is_refused_in_one_line(tiny_mnist, tmp_path, capsys, device):
+    here = torch.accelerator.current_accelerator(check_available=True)
+    if here is not None and here.type == device.split(":")[0] and device != "cuda:7":
+        pytest.skip(f"this machine has {here.type}")
+    code, _, err = main_in_process(capsys, "--device", device, "--data-dir", tiny_mnist, "--out-dir", tmp_path / "out")
+    assert code == 2 and f"--device {device}" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_device_name_torch_does_not_know_is_refused(tiny_mnist, tmp_path, capsys):
+    code, _, err = main_in_process(capsys, "--device", "gpu", "--data-dir", tiny_mnist, "--out-dir", tmp_path)
+    assert code == 2 and "--device gpu: not a device name" in err
+
+
+def fake_accelerator(monkeypatch, kind, count=1, autocast=True):
+    """Make torch report an accelerator of type `kind` with `count` devices (pick_device's view)."""
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device(kind))
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: count)
+    monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: autocast or device_type == "cpu")
+
+
+def test_auto_picks_whichever_accelerator_torch_reports(monkeypatch):
+    for kind in ("cuda", "mps", "xpu"):
+        fake_accelerator(monkeypatch, kind)
+        assert main.pick_device("auto") == torch.device(kind)
+        assert main.pick_device("cpu") == torch.device("cpu")            # the CPU is always allowed
+        other = "mps" if kind != "mps" else "cuda"
+        with pytest.raises(main.UsageError, match=f"{other} is not available .this machine's accelerator is {kind}"):
+            main.pick_device(other)
+    fake_accelerator(monkeypatch, "cuda", count=2)
+    assert main.pick_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(main.UsageError, match="there are only 2 cuda devices"):
+        main.pick_device("cuda:2")
+
+
+def test_bf16_is_refused_where_the_device_has_no_autocast(monkeypatch):
+    fake_accelerator(monkeypatch, "xla", autocast=False)
+    with pytest.raises(main.UsageError, match="--precision bf16 needs torch.autocast, which xla lacks"):
+        main.pick_device("auto", "bf16")
+    assert main.pick_device("auto", "fp32") == torch.device("xla")
+
+
+def test_adam_is_fused_on_the_devices_that_have_the_kernel():
+    net = torch.nn.Linear(2, 2)
+    assert main.make_optimizer(net, 1e-3, 1e-8).defaults["fused"]
+    assert "cpu" in main.FUSED_ADAM_DEVICES and "mps" in main.FUSED_ADAM_DEVICES
+
+
+def test_bad_conv_channels_get_one_line(tiny_mnist, tmp_path, capsys):
+    code, _, err = main_in_process(capsys, "--arch", "conv", "--conv-channels", "32", "--data-dir", tiny_mnist,
+                                   "--out-dir", tmp_path)
+    assert code == 2 and "--conv-channels '32': give two or more" in err and len(err.strip().splitlines()) == 1
 
 
 def test_an_output_directory_that_cannot_be_written_is_refused(tiny_mnist, tmp_path, capsys):
