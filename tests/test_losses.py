@@ -93,8 +93,8 @@ def test_elbo_is_below_the_exact_log_likelihood():
 
 
 def test_bernoulli_gradient_is_x_minus_sigmoid_and_matches_autograd():
-    # the hand-written backward of BernoulliLogLikelihood against autograd through the
-    # softplus form, and against finite differences (gradcheck), for grey and for binary x
+    # log_bernoulli against autograd through the softplus form, its gradient against x − σ(l),
+    # and against finite differences (gradcheck), for grey and for binary x
     torch.manual_seed(0)
     for x in (torch.rand(3, 1, 4, 4, dtype=torch.double), torch.rand(3, 1, 4, 4, dtype=torch.double).round()):
         logits = (4 * torch.randn(3, 1, 4, 4, dtype=torch.double)).requires_grad_()
