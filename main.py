@@ -61,7 +61,8 @@ class Config:
                                                     "this many epochs; 0 = none"})
     precision: str = field(default="fp32", metadata={"help": "fp32, or bf16: the networks run in bfloat16 during "
                                                    "training (torch.autocast; the ELBO's terms and all evaluation "
-                                                   "stay float32); about 1.4x faster here (AVX-512 BF16)"})
+                                                   "stay float32); faster only where the CPU or GPU has bfloat16 "
+                                                   "arithmetic (README, 'Speed')"})
     binarize: str = field(default="none", metadata={"help": "none (grey pixels, the PyTorch example) or dynamic "
                                                     "(training pixels redrawn ~ Bernoulli each use; val/test drawn once)"})
     val_size: int = field(default=10000, metadata={"help": "the last this-many training images validate (best "
