@@ -4,8 +4,8 @@
     python main.py --decompress results/bbans-.../test.bbans --checkpoint checkpoints/vae-mlp-binarized.pt
 
 BB-ANS = Townsend, Bird & Barber 2019, "Practical Lossless Compression with Latent Variables using
-Bits Back Coding", ICLR 2019, arXiv:1901.04866v1; tags name its sections by title (§"Bits back
-coding", §"Discretization", §"Clean bits"), as their numbers were not checked against the paper.
+Bits Back Coding", ICLR 2019, arXiv:1901.04866. Tags name the paper's idea ([BB-ANS: bits back],
+[BB-ANS: discretisation], [BB-ANS: clean bits]), not a section number, which was not checked.
 
 A VAE gives no code for x directly: p(x) = ∫ p(x|z) p(z) dz is an integral. Bits back codes x
 in three steps on a stack of bits (an ANS coder, last in first out):
@@ -13,10 +13,10 @@ in three steps on a stack of bits (an ANS coder, last in first out):
   2. push  x with p(x|z)                                        -log p(x|z) bits added
   3. push  z with p(z)                                          -log p(z)   bits added
 Net: -log p(x|z) - log p(z) + log q(z|x) bits per image, whose mean over z ~ q is the -ELBO
-[BB-ANS §"Bits back coding"; AEVB Eq. 10]. The decoder runs the steps backwards and in reverse
+[BB-ANS: bits back; AEVB Eq. 10]. The decoder runs the steps backwards and in reverse
 order: pop z with p(z), pop x with p(x|z), then push z with q(z|x), which returns the borrowed bits.
 
-Discretisation [BB-ANS §"Discretization"]: each z_j takes one of B = 2^LATENT_BITS buckets of
+Discretisation [BB-ANS: discretisation]: each z_j takes one of B = 2^LATENT_BITS buckets of
 equal prior mass, bucket k = [Φ⁻¹(k/B), Φ⁻¹((k+1)/B)), represented by its prior median
 Φ⁻¹((k + ½)/B). Then P(z_j = k) = 1/B exactly (LATENT_BITS bits per dimension) and
 Q(z_j = k | x) = Φ((e_{k+1} − μ_j)/σ_j) − Φ((e_k − μ_j)/σ_j), the mass q puts on the bucket;
@@ -36,10 +36,12 @@ import io
 import json
 import lzma
 import math
+import os
 import platform
 import struct
 import time
 import zlib
+from importlib.metadata import version
 from pathlib import Path
 
 import constriction
@@ -52,7 +54,7 @@ import losses
 import models
 
 LATENT_BITS = 8          # B = 256 buckets per latent dimension: the paper's prior precision
-COINS = constriction.stream.model      # the coder's model families (24-bit fixed-point probabilities)
+FAMILIES = constriction.stream.model   # the coder's model families (24-bit fixed-point probabilities)
 CLEAN_SEED = 20190111                   # the seeded "clean" words the first image's z is popped from
 MAGIC = b"VAEBBANS"
 VERSION = 1
@@ -81,7 +83,8 @@ def bucket_centres(latent_bits):
 
 
 def posterior_buckets(mu, std, edges):
-    """Q(z_j = k | x) = Φ((e_{k+1} − μ_j)/σ_j) − Φ((e_k − μ_j)/σ_j): (latent_dim,) -> (latent_dim, B)."""
+    """Q(z_j = k | x) = Φ((e_{k+1} − μ_j)/σ_j) − Φ((e_k − μ_j)/σ_j), the mass of q(z_j|x) in bucket k:
+    μ, σ (latent_dim,) -> (latent_dim, B).   [BB-ANS: discretisation]"""
     cdf = torch.special.ndtr((edges - mu[:, None]) / std[:, None])     # (latent_dim, B + 1)
     return cdf.diff(dim=1)
 
@@ -107,31 +110,31 @@ class Coding:
 
 
 # ------------------------------------------------------------------------------------------------
-# One image on and off the stack [BB-ANS §"Bits back coding"]
+# One image on and off the stack [BB-ANS: bits back]
 # ------------------------------------------------------------------------------------------------
 def push_image(coder, coding, x, lengths):
     """Append image x (784,) int32 to the stack; add its three code lengths (bits) to `lengths`."""
     bits = coder.num_valid_bits()
-    z = coder.decode(COINS.Categorical(perfect=False), coding.posterior(x))  # pop z ~ Q(z|x)
+    z = coder.decode(FAMILIES.Categorical(perfect=False), coding.posterior(x))  # pop z ~ Q(z|x)
     lengths["bits_back"] += bits - coder.num_valid_bits()                          # + log Q(z|x)
     bits = coder.num_valid_bits()
-    coder.encode_reverse(x, COINS.Bernoulli(perfect=False), coding.pixel_probs(z))  # push x, p(x|z)
+    coder.encode_reverse(x, FAMILIES.Bernoulli(perfect=False), coding.pixel_probs(z))  # push x, p(x|z)
     lengths["pixels"] += coder.num_valid_bits() - bits                             # − log p(x|z)
-    coder.encode_reverse(z, COINS.Uniform(2 ** coding.latent_bits))                # push z, P(z) = 1/B
+    coder.encode_reverse(z, FAMILIES.Uniform(2 ** coding.latent_bits))                # push z, P(z) = 1/B
     return z
 
 
 def pop_image(coder, coding, latent_dim):
     """The inverse of push_image: take the last image pushed off the stack, restoring the bits
     its z was popped from."""
-    z = coder.decode(COINS.Uniform(2 ** coding.latent_bits), latent_dim)            # pop z, P(z)
-    x = coder.decode(COINS.Bernoulli(perfect=False), coding.pixel_probs(z))         # pop x, p(x|z)
-    coder.encode_reverse(z, COINS.Categorical(perfect=False), coding.posterior(x))  # push z, Q(z|x)
+    z = coder.decode(FAMILIES.Uniform(2 ** coding.latent_bits), latent_dim)            # pop z, P(z)
+    x = coder.decode(FAMILIES.Bernoulli(perfect=False), coding.pixel_probs(z))         # pop x, p(x|z)
+    coder.encode_reverse(z, FAMILIES.Categorical(perfect=False), coding.posterior(x))  # push z, Q(z|x)
     return x
 
 
 def clean_words(latent_dim):
-    """Seeded random 32-bit words that start the stack: the first image's z is popped from them.
+    """[BB-ANS: clean bits] Seeded random 32-bit words that start the stack: the first image's z is popped from them.
     Enough for the worst case, latent_dim symbols of at most 24 bits each, plus the coder's head;
     they are stored in the file and counted in its size, and decoding ends by returning them."""
     n = math.ceil(latent_dim * 24 / 32) + 2
@@ -235,10 +238,6 @@ def decompress_file(path, net):
 # ------------------------------------------------------------------------------------------------
 # What the rate is compared with: the model's -ELBO, and general-purpose compressors
 # ------------------------------------------------------------------------------------------------
-def bits_per_dim(n_bytes, n):
-    return 8 * n_bytes / (n * models.X_DIM)
-
-
 @torch.no_grad()
 def neg_elbo_nats(net, x, seed):
     """The test -ELBO in nats per image, as main.evaluate computes it (one z per image, seeded)."""
@@ -249,16 +248,17 @@ def neg_elbo_nats(net, x, seed):
     return total / len(x)
 
 
-def png_bytes(images):
-    """Size of a 1-bit PNG (PIL, optimize=True) of a (h, w) array of {0, 1}."""
+def png_bytes(image):
+    """Bytes of a 1-bit PNG of a (h, w) array of {0, 1} (PIL, zlib level 9: smaller here than optimize)."""
     buffer = io.BytesIO()
-    Image.fromarray(images.astype(bool)).save(buffer, format="PNG", optimize=True)
+    Image.fromarray(image.astype(bool)).save(buffer, format="PNG", compress_level=9)
     return buffer.tell()
 
 
 def baseline_sizes(x_bits):
-    """Bytes of the n images under each general-purpose compressor: gzip, bz2, lzma on the packed
-    bits (np.packbits: 98 bytes per image); PNG as one 1-bit file per image, and as one big grid."""
+    """Bytes of the n images under general-purpose compressors: gzip, bz2, lzma (each at its
+    strongest setting) on the packed bits (np.packbits: 98 bytes per image); PNG as one 1-bit
+    file per image, and as one square grid of all images in a single 1-bit file."""
     packed = np.packbits(x_bits).tobytes()
     images = x_bits.reshape(-1, 28, 28)
     side = math.ceil(math.sqrt(len(images)))
@@ -270,31 +270,30 @@ def baseline_sizes(x_bits):
             "png_per_image": sum(png_bytes(image) for image in images), "png_grid": png_bytes(grid)}
 
 
+def cpu_name():
+    """The CPU's model name, printed beside every timing."""
+    with contextlib.suppress(OSError):
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    return platform.processor() or platform.machine()
+
+
 # ------------------------------------------------------------------------------------------------
 # The two commands: python main.py --compress CKPT  and  --decompress FILE --checkpoint CKPT
 # ------------------------------------------------------------------------------------------------
 def run(cfg, read_checkpoint, make_run_dir):
-    """--compress or --decompress; main.py passes its own checkpoint reader and run-folder maker,
-    so their errors are main's UsageError."""
-    check_flags(cfg)
+    """--compress or --decompress. main.py passes its own checkpoint reader and run-folder maker,
+    whose errors are main's UsageError."""
+    if cfg.compress and cfg.decompress or cfg.eval or cfg.resume:
+        raise CompressionError("--compress and --decompress go alone: one of them, without --eval or --resume")
+    if bool(cfg.decompress) != bool(cfg.checkpoint):
+        raise CompressionError("--decompress FILE needs --checkpoint CKPT (the model it was compressed with), "
+                               "and --checkpoint serves only --decompress")
+    path = cfg.compress or cfg.checkpoint
+    net, ckpt = read_checkpoint(path, torch.device("cpu"))
+    check_vae(path, ckpt)
     if cfg.compress:
-        net, ckpt = read_checkpoint(cfg.compress, torch.device("cpu"))
-        check_vae(cfg.compress, ckpt)
         return compress_command(cfg, net, ckpt, make_run_dir)
-    net, ckpt = read_checkpoint(cfg.checkpoint, torch.device("cpu"))
-    check_vae(cfg.checkpoint, ckpt)
     return decompress_command(cfg, net, make_run_dir)
-
-
-def check_flags(cfg):
-    if cfg.compress and cfg.decompress:
-        raise CompressionError("--compress and --decompress exclude each other: run one, then the other")
-    if cfg.eval or cfg.resume:
-        raise CompressionError("--compress and --decompress take no --eval or --resume: they only code images")
-    if cfg.decompress and not cfg.checkpoint:
-        raise CompressionError("--decompress needs the model it was compressed with: add --checkpoint CKPT")
-    if cfg.checkpoint and not cfg.decompress:
-        raise CompressionError("--checkpoint names the model for --decompress; --compress takes the checkpoint itself")
 
 
 def check_vae(path, ckpt):
@@ -309,7 +308,7 @@ def check_vae(path, ckpt):
 
 
 def binarized_test_set(data_dir):
-    """The README's fixed binarized test set: (n, 784) uint8, what main.load_sets gives for --binarize dynamic."""
+    """The README's fixed binarized test set, (n, 1, 28, 28): what main.load_sets gives for --binarize dynamic."""
     _, (x_test, _) = data.load_mnist(data_dir, torch.device("cpu"))
     return data.binarize_once(x_test, "test")
 
@@ -319,43 +318,38 @@ def compress_command(cfg, net, ckpt, make_run_dir):
     compared bit for bit), and write every rate beside the -ELBO and the baselines to metrics.json."""
     x_test = binarized_test_set(cfg.data_dir)
     x_bits = x_test.view(len(x_test), -1).numpy().astype(np.uint8)
-    args = ckpt["model_args"]
-    run_dir = make_run_dir(cfg.out_dir, f"bbans-{args['model']}-{args['arch']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = make_run_dir(cfg.out_dir, f"bbans-vae-{ckpt['model_args']['arch']}-{time.strftime('%Y%m%d-%H%M%S')}")
     print(f"compressing {len(x_bits)} binarized test images with {cfg.compress}: writing {run_dir}")
+    load = os.getloadavg()[0]
     start = time.perf_counter()
     words, lengths = encode(net, x_bits)
     write_file(run_dir / "test.bbans", words, len(x_bits), net, x_bits)
-    encode_seconds = time.perf_counter() - start
+    seconds = {"encode_seconds": time.perf_counter() - start}
     start = time.perf_counter()
-    decoded = decompress_file(run_dir / "test.bbans", net)
-    decode_seconds = time.perf_counter() - start
-    if not np.array_equal(decoded, x_bits):          # the hash passed, so this would be a hash collision
-        raise CompressionError("the decoded images differ from the originals")
-    neg_elbo = neg_elbo_nats(net, x_test, (ckpt.get("config") or {}).get("seed", 1))
-    report = rates(run_dir / "test.bbans", x_bits, lengths, net.latent_dim, neg_elbo)
-    report.update(encode_seconds=encode_seconds, decode_seconds=decode_seconds, cpu=cpu_name(),
-                  torch_threads=1, torch=torch.__version__, constriction=constriction_version(),
-                  latent_bits=LATENT_BITS, checkpoint=str(cfg.compress), bit_for_bit=True)
+    if not np.array_equal(decompress_file(run_dir / "test.bbans", net), x_bits):
+        raise CompressionError("the decoded images differ from the originals")     # only by a hash collision
+    seconds["decode_seconds"] = time.perf_counter() - start
+    report = {"checkpoint": str(cfg.compress), "n_images": len(x_bits), "bit_for_bit": True,
+              **rates(run_dir / "test.bbans", x_bits, lengths, net.latent_dim),
+              "neg_elbo_nats": neg_elbo_nats(net, x_test, (ckpt.get("config") or {}).get("seed", 1)),
+              **seconds, "cpu": cpu_name(), "load_average_1min": load, "torch_threads": 1,
+              "torch": torch.__version__, "constriction": version("constriction"), "latent_bits": LATENT_BITS}
+    report["neg_elbo_bits_per_dim"] = losses.bits_per_dim(report["neg_elbo_nats"])
+    report["above_neg_elbo"] = report["bits_per_dim"] / report["neg_elbo_bits_per_dim"] - 1
+    report["baselines_bits_per_dim"] = {name: 8 * size / x_bits.size for name, size in baseline_sizes(x_bits).items()}
     (run_dir / "metrics.json").write_text(json.dumps(report, indent=2))
     print_report(report)
     return run_dir
 
 
-def rates(path, x_bits, lengths, latent_dim, neg_elbo):
-    """Every size in bits per dimension (bytes x 8 / (n x 784)) and its parts."""
-    n = len(x_bits)
+def rates(path, x_bits, lengths, latent_dim):
+    """The file's size in bits per dimension (bytes x 8 / (n x 784)), and its parts."""
+    per_dim = 1 / x_bits.size
     file_bytes = Path(path).stat().st_size
     clean_bits = 32 * len(clean_words(latent_dim))
-    report = {"n_images": n, "file_bytes": file_bytes, "bits_per_dim": bits_per_dim(file_bytes, n),
-              "neg_elbo_nats": neg_elbo, "neg_elbo_bits_per_dim": losses.bits_per_dim(neg_elbo),
-              "clean_bits": clean_bits, "clean_bits_per_dim": clean_bits / (n * models.X_DIM),
-              "header_bytes": HEADER.size + CRC.size,
-              "pixels_bits_per_dim": lengths["pixels"] / (n * models.X_DIM),
-              "prior_bits_per_dim": lengths["prior"] / (n * models.X_DIM),
-              "bits_back_per_dim": lengths["bits_back"] / (n * models.X_DIM)}
-    report["overhead_vs_neg_elbo"] = report["bits_per_dim"] / report["neg_elbo_bits_per_dim"] - 1
-    report["baselines_bits_per_dim"] = {name: bits_per_dim(size, n) for name, size in baseline_sizes(x_bits).items()}
-    return report
+    return {"file_bytes": file_bytes, "bits_per_dim": 8 * file_bytes * per_dim, "header_bytes": HEADER.size + CRC.size,
+            "clean_bits": clean_bits, "clean_bits_per_dim": clean_bits * per_dim,
+            **{f"{part}_bits_per_dim": lengths[part] * per_dim for part in ("pixels", "prior", "bits_back")}}
 
 
 def decompress_command(cfg, net, make_run_dir):
@@ -372,27 +366,13 @@ def decompress_command(cfg, net, make_run_dir):
     return run_dir
 
 
-def cpu_name():
-    """The CPU's model name (from /proc/cpuinfo on Linux), to print beside every timing."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def constriction_version():
-    from importlib.metadata import version
-    return version("constriction")
-
-
 def print_report(r):
-    b = r["baselines_bits_per_dim"]
-    print(f"BB-ANS {r['bits_per_dim']:.4f} bits/dim ({r['file_bytes']} bytes for {r['n_images']} images), "
-          f"-ELBO {r['neg_elbo_bits_per_dim']:.4f} bits/dim ({r['neg_elbo_nats']:.2f} nats): "
-          f"{100 * r['overhead_vs_neg_elbo']:+.2f}%; clean bits {r['clean_bits']} = {r['clean_bits_per_dim']:.6f} bits/dim")
-    print(f"  pixels {r['pixels_bits_per_dim']:.4f} + prior {r['prior_bits_per_dim']:.4f} - bits back "
-          f"{r['bits_back_per_dim']:.4f} bits/dim")
-    print("  " + ", ".join(f"{name} {rate:.4f}" for name, rate in b.items()) + " bits/dim")
-    print(f"  encode {r['encode_seconds']:.1f} s, decode {r['decode_seconds']:.1f} s, bit for bit: "
-          f"{r['bit_for_bit']} ({r['cpu']}, one thread)")
+    print(f"BB-ANS {r['bits_per_dim']:.4f} bits/dim ({r['file_bytes']} bytes for {r['n_images']} images); "
+          f"the model's -ELBO {r['neg_elbo_bits_per_dim']:.4f} bits/dim ({r['neg_elbo_nats']:.2f} nats): "
+          f"{100 * r['above_neg_elbo']:+.2f}%")
+    print(f"  = pixels {r['pixels_bits_per_dim']:.4f} + prior {r['prior_bits_per_dim']:.4f} - bits back "
+          f"{r['bits_back_bits_per_dim']:.4f} + clean bits {r['clean_bits_per_dim']:.6f} ({r['clean_bits']} bits) "
+          f"+ header {r['header_bytes']} bytes + the coder's last word")
+    print("  baselines: " + ", ".join(f"{k} {v:.4f}" for k, v in r["baselines_bits_per_dim"].items()) + " bits/dim")
+    print(f"  encode {r['encode_seconds']:.1f} s, decode {r['decode_seconds']:.1f} s, bit for bit ({r['cpu']}, "
+          f"one thread, load average {r['load_average_1min']:.1f} at the start)")
