@@ -372,7 +372,7 @@ def print_report(r):
           f"{100 * r['above_neg_elbo']:+.2f}%")
     print(f"  = pixels {r['pixels_bits_per_dim']:.4f} + prior {r['prior_bits_per_dim']:.4f} - bits back "
           f"{r['bits_back_bits_per_dim']:.4f} + clean bits {r['clean_bits_per_dim']:.6f} ({r['clean_bits']} bits) "
-          f"+ header {r['header_bytes']} bytes + the coder's last word")
+          f"+ header {r['header_bytes']} bytes + the coder's final head")
     print("  baselines: " + ", ".join(f"{k} {v:.4f}" for k, v in r["baselines_bits_per_dim"].items()) + " bits/dim")
     print(f"  encode {r['encode_seconds']:.1f} s, decode {r['decode_seconds']:.1f} s, bit for bit ({r['cpu']}, "
           f"one thread, load average {r['load_average_1min']:.1f} at the start)")
