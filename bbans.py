@@ -53,7 +53,7 @@ import data
 import losses
 import models
 
-LATENT_BITS = 8          # B = 256 buckets per latent dimension: the paper's prior precision
+LATENT_BITS = 8          # B = 256 buckets per latent dimension, as in the BB-ANS authors' MNIST script
 FAMILIES = constriction.stream.model   # the coder's model families (24-bit fixed-point probabilities)
 CLEAN_SEED = 20190111                   # the seeded "clean" words the first image's z is popped from
 MAGIC = b"VAEBBANS"

@@ -631,7 +631,7 @@ def evaluate_checkpoint(cfg, given, net, ckpt):
 
 def run(cfg, given=frozenset()):
     check_config(cfg)
-    if cfg.compress or cfg.decompress:        # lossless coding with a trained VAE, all in bbans.py
+    if cfg.compress or cfg.decompress or cfg.checkpoint:     # lossless coding with a VAE: bbans.py
         return [bbans.run(cfg, read_checkpoint, make_run_dir)]
     device = pick_device(cfg.device)
     if cfg.eval:

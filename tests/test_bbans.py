@@ -190,6 +190,7 @@ def test_refuses_another_checkpoint_and_missing_flags(compressed, tmp_path, caps
     assert "another model" in refused(capsys, "--decompress", path, "--checkpoint", other, "--out-dir", tmp_path)
     assert "needs --checkpoint" in refused(capsys, "--decompress", path, "--out-dir", tmp_path)
     assert "needs --checkpoint" in refused(capsys, "--compress", ckpt, "--checkpoint", ckpt)
+    assert "needs --checkpoint" in refused(capsys, "--checkpoint", ckpt)
     assert "go alone" in refused(capsys, "--decompress", path, "--compress", ckpt)
     assert "go alone" in refused(capsys, "--compress", ckpt, "--eval", ckpt)
     assert "no compressed file" in refused(capsys, "--decompress", tmp_path / "missing.bbans", "--checkpoint", ckpt)
