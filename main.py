@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import bbans
 import data
 import losses
 import models
@@ -80,6 +81,13 @@ class Config:
     max_batches: int = field(default=0, metadata={"help": "stop each epoch after this many batches (smoke runs); 0 = all"})
     eval: str = field(default="", metadata={"help": "path to a checkpoint (.pt): evaluate and draw it, no training"})
     resume: str = field(default="", metadata={"help": "path to a run's checkpoint.pt: continue that run where it stopped"})
+    # lossless compression by bits-back coding (bbans.py), on the CPU
+    compress: str = field(default="", metadata={"help": "path to a binarized VAE checkpoint: compress the binarized "
+                                                "test set into a file, decode it back, compare with gzip/bz2/lzma/PNG"})
+    decompress: str = field(default="", metadata={"help": "a file written by --compress: decode its images, "
+                                                  "with the model given by --checkpoint"})
+    checkpoint: str = field(default="", metadata={"help": "the VAE checkpoint --decompress decodes with (the one "
+                                                  "--compress used)"})
 
 
 CHOICES = {"model": ["vae", "cvae", "both"], "arch": ["mlp", "conv"],
@@ -679,6 +687,8 @@ def evaluate_checkpoint(cfg, given, net, ckpt):
 
 def run(cfg, given=frozenset()):
     check_config(cfg)
+    if cfg.compress or cfg.decompress or cfg.checkpoint:     # lossless coding with a VAE: bbans.py
+        return [bbans.run(cfg, read_checkpoint, make_run_dir)]
     device = pick_device(cfg.device, cfg.precision)
     if cfg.eval:
         net, ckpt = read_checkpoint(cfg.eval, device)      # refuse a bad checkpoint before loading data
