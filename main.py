@@ -285,18 +285,21 @@ def check_finite(net, loss, epoch, step, cfg):
 
 
 @torch.no_grad()
-def evaluate(net, x, y, seed, max_batches=0, prefix="test"):
-    """−ELBO and its two terms, nats per image, on (x, y); z sampled once per image, seeded."""
+def elbo_per_image(net, x, y, seed, max_batches=0):
+    """(elbo, log_px, kl) of each image of (x, y), nats, one z ~ q per image, seeded: shape (3, n).
+    The one estimate behind the test −ELBO (evaluate) and the anomaly scores (viz.anomalies)."""
     net.eval()
-    sums = torch.zeros(3, device=x.device)
-    count = 0
+    terms = []
     with models.seeded(x.device, seed):
         for xb, yb in data.batches(x, y, EVAL_BATCH_SIZE, max_batches=max_batches):
-            elbo, log_px, kl = elbo_terms(net, xb, yb)
-            sums += torch.stack([-elbo.sum(), -log_px.sum(), kl.sum()])
-            count += len(xb)
-    neg_elbo, recon, kl = (sums / count).tolist()
-    return {f"{prefix}_neg_elbo": neg_elbo, f"{prefix}_recon": recon, f"{prefix}_kl": kl}
+            terms.append(torch.stack(elbo_terms(net, xb, yb)))           # (3, batch)
+    return torch.cat(terms, dim=1)
+
+
+def evaluate(net, x, y, seed, max_batches=0, prefix="test"):
+    """−ELBO and its two terms, nats per image, on (x, y); z sampled once per image, seeded."""
+    elbo, log_px, kl = elbo_per_image(net, x, y, seed, max_batches).mean(dim=1).tolist()
+    return {f"{prefix}_neg_elbo": -elbo, f"{prefix}_recon": -log_px, f"{prefix}_kl": kl}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -442,7 +445,9 @@ def draw(net, test, history, report, run_dir, seed):
     viz.sample_grid(net, run_dir / "samples.png", seed=seed)
     if isinstance(net, models.CVAE):
         viz.samples_by_class(net, run_dir / "samples_by_class.png", seed=seed)
-    viz.gallery(net, x_test, y_test, history, run_dir, seed)
+    # the KL per dimension of the report orders the traversals and draws kl_per_dim.png: one computation
+    scores = -elbo_per_image(net, x_test, y_test, seed)[0]
+    viz.gallery(net, x_test, y_test, history, run_dir, seed, report["kl_per_dim"], scores)
     viz.kl_bars(report["kl_per_dim"], report["unit_variance"], run_dir / "kl_per_dim.png", viz.model_title(net))
 
 
@@ -471,16 +476,12 @@ def read_checkpoint(path, device):
     if not Path(path).is_file():
         raise UsageError(f"no checkpoint at {path}: pass the path of a .pt file written by main.py")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        net = models.build_model(**ckpt["model_args"]).to(device)
+        return models.read_checkpoint(path, map_location=device)
+    except models.ArchitectureMismatch as err:
+        raise UsageError(f"{path}: {err}") from None
     except Exception as err:
         raise UsageError(f"{path} is not a usable checkpoint of this project, it may be truncated "
                          f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
-    try:
-        models.load_state(net, ckpt["model"])
-    except ValueError as err:
-        raise UsageError(f"{path}: {err}") from None
-    return net.eval(), ckpt
 
 
 def saved_config(cfg, given, ckpt, may_change, what):
