@@ -43,19 +43,51 @@ def md5(path):
 
 
 def unpack(gz_path, out_path, expected_md5):
-    """Decompress gz_path to out_path, atomically, and check the md5 of what came out."""
-    tmp = out_path.with_name(out_path.name + ".part")
+    """Decompress gz_path to out_path, atomically, and check the md5 of what came out.
+
+    A damaged .gz and a folder that cannot take the output (read-only, full) get different messages:
+    the first is fixed by a good copy of the file, the second by space or permissions. The temporary
+    file is named after this process, so two runs unpacking at once do not write into one file."""
+    tmp = out_path.with_name(f"{out_path.name}.{os.getpid()}.part")
     try:
-        with gzip.open(gz_path, "rb") as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-    except (OSError, EOFError) as err:
+        with gzip.open(gz_path, "rb") as src, open_for_writing(tmp) as dst:
+            while chunk := read_gzip(src, gz_path):
+                write_or_fail(dst, chunk, tmp)
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        raise DataError(f"{gz_path} is not a readable gzip file ({err}): replace it with a good copy")
+        raise
     if md5(tmp) != expected_md5:
         tmp.unlink()
         raise DataError(f"{gz_path} unpacks to the wrong bytes (md5 mismatch): replace it with a good copy")
     os.replace(tmp, out_path)
+
+
+def cannot_write(path, err):
+    return DataError(f"cannot write {path} ({err.strerror or err}): make {path.parent} writable or free some "
+                     f"space, or point --data-dir at a folder that holds the unpacked MNIST/raw/ files")
+
+
+def open_for_writing(path):
+    try:
+        return open(path, "wb")
+    except OSError as err:
+        raise cannot_write(path, err) from None
+
+
+def read_gzip(src, gz_path):
+    """The next chunk of the decompressed file; a DataError if the .gz is damaged."""
+    try:
+        return src.read(1 << 20)
+    except (OSError, EOFError) as err:     # gzip.BadGzipFile is an OSError; a cut file ends in EOFError
+        raise DataError(f"{gz_path} is not a readable gzip file ({err}): replace it with a good copy") from None
+
+
+def write_or_fail(dst, chunk, path):
+    try:
+        dst.write(chunk)
+        dst.flush()           # a full disk shows here, not later in close()
+    except OSError as err:
+        raise cannot_write(path, err) from None
 
 
 def prepare_mnist(data_dir, download=True):

@@ -23,6 +23,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+try:
+    import fcntl          # the writer lock's flock (POSIX); Windows has none, see writer_lock
+except ImportError:
+    fcntl = None
+
 import bbans
 import data
 import losses
@@ -76,7 +81,9 @@ class Config:
                                                    "end (papers: 5000); 0 = skip"})
     device: str = field(default="auto", metadata={"help": "auto (the accelerator torch finds: CUDA, MPS, XPU, ...; "
                                                   "else the CPU), cpu, or a device such as cuda, cuda:1, mps, xpu"})
-    data_dir: str = field(default="data", metadata={"help": "folder holding MNIST/raw/ (shipped in data/)"})
+    data_dir: str = field(default="data", metadata={"help": "folder holding MNIST/raw/; the default is the data/ "
+                                                    "beside main.py (shipped), a path given is read from the "
+                                                    "working directory"})
     out_dir: str = field(default="results", metadata={"help": "each run writes a new folder in here"})
     max_batches: int = field(default=0, metadata={"help": "stop each epoch after this many batches (smoke runs); 0 = all"})
     eval: str = field(default="", metadata={"help": "path to a checkpoint (.pt): evaluate and draw it, no training"})
@@ -97,6 +104,8 @@ CHOICES = {"model": ["vae", "cvae", "both"], "arch": ["mlp", "conv"],
 RESUMABLE = {"resume", "epochs", "patience", "iw_samples", "device", "data_dir"}
 EVALUABLE = {"eval", "iw_samples", "seed", "device", "data_dir", "out_dir", "max_batches"}
 EVAL_BATCH_SIZE = data.EVAL_BATCH_SIZE
+PROJECT_DIR = Path(__file__).resolve().parent      # the default --data-dir is read from here, not the cwd
+SEED_RANGE = (0, 2 ** 64 - 1)                      # what torch.manual_seed takes (negatives alias these)
 
 
 class UsageError(Exception):
@@ -142,6 +151,8 @@ def check_config(cfg):
         raise UsageError(f"--beta must be 0 or more, got {cfg.beta}")
     if cfg.patience and not cfg.val_size:
         raise UsageError("--patience needs a validation set: give --val-size a positive value")
+    if not SEED_RANGE[0] <= cfg.seed <= SEED_RANGE[1]:
+        raise UsageError(f"--seed must be from {SEED_RANGE[0]} to 2**64 - 1 = {SEED_RANGE[1]}, got {cfg.seed}")
     if cfg.eval and cfg.resume:
         raise UsageError("--eval and --resume exclude each other: evaluate a checkpoint, or continue its run")
 
@@ -149,6 +160,15 @@ def check_config(cfg):
 def conv_channels(cfg):
     """--conv-channels "32,64,128" -> (32, 64, 128)."""
     return tuple(int(c) for c in cfg.conv_channels.split(","))
+
+
+def resolve_data_dir(cfg, given):
+    """The default --data-dir, "data", is the data/ folder beside main.py whatever the working
+    directory (run from elsewhere it would otherwise try to download MNIST and retrain the judge);
+    a --data-dir given on the command line is taken as written, relative to the working directory."""
+    if "data_dir" in given or cfg.data_dir != Config.data_dir:
+        return cfg
+    return dataclasses.replace(cfg, data_dir=str(PROJECT_DIR / cfg.data_dir))
 
 
 def pick_device(name, precision="fp32"):
@@ -192,40 +212,60 @@ def make_run_dir(out_dir, name):
 
 @contextlib.contextmanager
 def writer_lock(run_dir):
-    """Hold run_dir/writer.lock ("pid@host") while this process trains into run_dir, so that a second
-    process (the same run resumed twice) is refused instead of overwriting the first's checkpoints.
-    A lock left by a process that no longer runs (killed with -9, a crash) is taken over."""
+    """Hold run_dir/writer.lock while this process trains into run_dir, so that a second process
+    (the same run resumed twice) is refused instead of overwriting the first's checkpoints.
+
+    The lock is an flock(2) on the file, which the kernel releases when the process ends however it
+    ends (kill -9 included), so a lock left by a dead process is no lock, and two processes can never
+    both take over a stale one. The file holds "pid@host" only so the refusal can name the holder.
+    Without fcntl (Windows) the file's existence is the lock: a leftover from a crash is refused
+    until it is deleted by hand, as the message says; no guess about whether its process runs."""
     lock = run_dir / "writer.lock"
-    for attempt in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            holder = lock.read_text().strip()
-            if attempt or lock_holder_runs(holder):
-                raise UsageError(f"{run_dir} is being written by another process ({holder}): wait for it or stop "
-                                 f"it; if none runs there, delete {lock}") from None
-            lock.unlink(missing_ok=True)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()}@{socket.gethostname()}")
+    f = open_lock(lock) if fcntl else open_exclusive(lock)
     try:
+        f.write(f"{os.getpid()}@{socket.gethostname()}")
+        f.flush()
         yield
     finally:
-        lock.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)       # before the unlock: a waiter that opened it sees it is stale
+        f.close()
 
 
-def lock_holder_runs(holder):
-    """Whether the process named "pid@host" still runs; True where this machine cannot tell."""
-    pid, _, host = holder.partition("@")
-    if host != socket.gethostname() or os.name == "nt" or not pid.isdigit():
-        return True
+def open_lock(lock):
+    """lock opened and flock-ed by this process, emptied; a UsageError if another process holds it."""
+    while True:
+        f = open(lock, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a process"
+            f.close()
+            raise lock_refusal(lock, holder) from None
+        if same_file(lock, f):
+            f.truncate(0)
+            return f
+        f.close()      # its last holder removed the file after we opened it: lock the new one
+
+
+def same_file(path, f):
     try:
-        os.kill(int(pid), 0)           # signal 0: no signal sent, only the question "does it exist?"
-    except ProcessLookupError:
+        return os.path.samestat(os.stat(path), os.fstat(f.fileno()))
+    except FileNotFoundError:
         return False
-    except PermissionError:            # it exists, under another user
-        return True
-    return True
+
+
+def open_exclusive(lock):
+    """Without flock: create the lock file, refusing if it exists."""
+    try:
+        return os.fdopen(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w")
+    except FileExistsError:
+        raise lock_refusal(lock, lock.read_text().strip()) from None
+
+
+def lock_refusal(lock, holder):
+    return UsageError(f"{lock.parent} is being written by another process ({holder}, {lock}): wait for it or "
+                      f"stop it" + ("" if fcntl else f"; if none runs there, delete {lock}"))
 
 
 def save_atomic(write, path):
@@ -328,18 +368,21 @@ def check_finite(net, loss, epoch, step, cfg):
 
 
 @torch.no_grad()
-def evaluate(net, x, y, seed, max_batches=0, prefix="test"):
-    """−ELBO and its two terms, nats per image, on (x, y); z sampled once per image, seeded."""
+def elbo_per_image(net, x, y, seed, max_batches=0):
+    """(elbo, log_px, kl) of each image of (x, y), nats, one z ~ q per image, seeded: shape (3, n).
+    The one estimate behind the test −ELBO (evaluate) and the anomaly scores (viz.anomalies)."""
     net.eval()
-    sums = torch.zeros(3, device=x.device)
-    count = 0
+    terms = []
     with models.seeded(x.device, seed):
         for xb, yb in data.batches(x, y, EVAL_BATCH_SIZE, max_batches=max_batches):
-            elbo, log_px, kl = elbo_terms(net, xb, yb)
-            sums += torch.stack([-elbo.sum(), -log_px.sum(), kl.sum()])
-            count += len(xb)
-    neg_elbo, recon, kl = (sums / count).tolist()
-    return {f"{prefix}_neg_elbo": neg_elbo, f"{prefix}_recon": recon, f"{prefix}_kl": kl}
+            terms.append(torch.stack(elbo_terms(net, xb, yb)))           # (3, batch)
+    return torch.cat(terms, dim=1)
+
+
+def evaluate(net, x, y, seed, max_batches=0, prefix="test"):
+    """−ELBO and its two terms, nats per image, on (x, y); z sampled once per image, seeded."""
+    elbo, log_px, kl = elbo_per_image(net, x, y, seed, max_batches).mean(dim=1).tolist()
+    return {f"{prefix}_neg_elbo": -elbo, f"{prefix}_recon": -log_px, f"{prefix}_kl": kl}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -486,7 +529,9 @@ def draw(net, test, history, report, run_dir, seed):
     viz.sample_grid(net, run_dir / "samples_10.png", n=10, seed=seed)   # source B's eval output: 10 z ~ N(0, I)
     if isinstance(net, models.CVAE):
         viz.samples_by_class(net, run_dir / "samples_by_class.png", seed=seed)
-    viz.gallery(net, x_test, y_test, history, run_dir, seed)
+    # the KL per dimension of the report orders the traversals and draws kl_per_dim.png: one computation
+    scores = -elbo_per_image(net, x_test, y_test, seed)[0]
+    viz.gallery(net, x_test, y_test, history, run_dir, seed, report["kl_per_dim"], scores)
     viz.kl_bars(report["kl_per_dim"], report["unit_variance"], run_dir / "kl_per_dim.png", viz.model_title(net))
 
 
@@ -503,9 +548,25 @@ def save_checkpoint(net, optimizer, cfg, epoch, history, generator, path):
 
 
 def write_metrics(run_dir, run_cfg, net, history, **extra):
-    """run_dir/metrics.json: the configuration, the model's arguments, one row per epoch, and extra."""
-    save_json({"config": dataclasses.asdict(run_cfg), "model_args": models.model_args(net),
-               "epochs": history, **extra}, run_dir / "metrics.json")
+    """run_dir/metrics.json: the configuration, the model's arguments, one row per epoch, and extra.
+    The `final` report of a finished run that is resumed is not dropped with the rewrite: it moves to
+    `earlier_finals`, with `run_epochs`, the epochs its run had then, and the new `final` joins it."""
+    path = run_dir / "metrics.json"
+    old = read_json(path)
+    earlier = old.get("earlier_finals", [])
+    if "final" in old:
+        run_epochs = old["epochs"][-1]["epoch"] if old.get("epochs") else None
+        earlier = earlier + [{**old["final"], "run_epochs": run_epochs}]
+    save_json({"config": dataclasses.asdict(run_cfg), "model_args": models.model_args(net), "epochs": history,
+               **({"earlier_finals": earlier} if earlier else {}), **extra}, path)
+
+
+def read_json(path):
+    """The JSON object in path, or {} if there is none (or it cannot be read)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def read_checkpoint(path, device):
@@ -513,16 +574,12 @@ def read_checkpoint(path, device):
     if not Path(path).is_file():
         raise UsageError(f"no checkpoint at {path}: pass the path of a .pt file written by main.py")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        net = models.build_model(**ckpt["model_args"]).to(device)
+        return models.read_checkpoint(path, map_location=device)
+    except models.ArchitectureMismatch as err:
+        raise UsageError(f"{path}: {err}") from None
     except Exception as err:
         raise UsageError(f"{path} is not a usable checkpoint of this project, it may be truncated "
                          f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
-    try:
-        models.load_state(net, ckpt["model"])
-    except ValueError as err:
-        raise UsageError(f"{path}: {err}") from None
-    return net.eval(), ckpt
 
 
 def saved_config(cfg, given, ckpt, may_change, what):
@@ -673,14 +730,18 @@ def evaluate_checkpoint(cfg, given, net, ckpt):
     it was trained with (binarization, seed), unless EVALUABLE flags say otherwise."""
     args = ckpt["model_args"]
     run_cfg = dataclasses.replace(saved_config(cfg, given, ckpt, EVALUABLE, "checkpoint"), val_size=0, resume="")
+    run_cfg = resolve_data_dir(run_cfg, given)
     device = next(net.parameters()).device
     sets = load_sets(run_cfg, device)
     run_dir = make_run_dir(cfg.out_dir, f"eval-{args['model']}-{args['arch']}-{time.strftime('%Y%m%d-%H%M%S')}")
     print(f"{cfg.eval} (epoch {ckpt.get('epoch')}): writing {run_dir}")
     judge = load_classifier(run_cfg.data_dir, device, run_cfg.seed) if args["model"] == "cvae" else None
     report = final_report(net, run_cfg, ckpt.get("epoch"), sets, judge)
-    save_json({"checkpoint": str(cfg.eval), "config": ckpt.get("config"), "model_args": args,
-               "eval": report, "epochs": ckpt.get("history", [])}, run_dir / "metrics.json")
+    # "config": the settings this evaluation used (its --seed, --max-batches: a partial evaluation
+    # says so); "trained_config": the checkpoint's own, as it was trained
+    save_json({"checkpoint": str(cfg.eval), "config": dataclasses.asdict(run_cfg),
+               "trained_config": ckpt.get("config"), "model_args": args, "eval": report,
+               "epochs": ckpt.get("history", [])}, run_dir / "metrics.json")
     draw(net, sets[2], ckpt.get("history"), report, run_dir, run_cfg.seed)
     return run_dir
 
@@ -700,10 +761,12 @@ def run(cfg, given=frozenset()):
                              f"an older checkpoint): resume from the run's checkpoint.pt")
         run_dir = Path(cfg.resume).parent
         cfg = dataclasses.replace(saved_config(cfg, given, ckpt, RESUMABLE, "resumed run"), eval="")
+        cfg = resolve_data_dir(cfg, given)
         check_config(cfg)
         pick_device(cfg.device, cfg.precision)            # the run's own precision, on this device
         check_resume(cfg, ckpt)
         return [train(cfg.model, cfg, device, load_sets(cfg, device), (net, ckpt, run_dir))]
+    cfg = resolve_data_dir(cfg, given)
     sets = load_sets(cfg, device)
     kinds = ["vae", "cvae"] if cfg.model == "both" else [cfg.model]
     return [train(kind, cfg, device, sets) for kind in kinds]
@@ -734,6 +797,9 @@ def main(argv=None):
         fail(str(err))
     except Diverged as err:
         fail(str(err), code=1)
+    except torch.OutOfMemoryError as err:
+        fail(f"out of memory on the device ({str(err).splitlines()[0][:120]}): try a smaller --batch-size, "
+             f"or --device cpu; the checkpoints of finished epochs, if any, are in the run folder", code=1)
     except Interrupted as err:
         fail(str(err), code=130)
     except OSError as err:

@@ -244,6 +244,10 @@ def model_args(net):
             "conv_channels": list(net.conv_channels) if net.conv_channels else None}
 
 
+class ArchitectureMismatch(ValueError):
+    """A checkpoint's tensors do not fit the model its model_args describe."""
+
+
 def load_state(net, state):
     """net.load_state_dict(state), with an error that names the tensors whose shapes differ."""
     own = net.state_dict()
@@ -251,7 +255,7 @@ def load_state(net, state):
               if k in state and state[k].shape != v.shape]
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if differ or missing or extra:
-        raise ValueError("the checkpoint holds another architecture: "
+        raise ArchitectureMismatch("the checkpoint holds another architecture: "
                          + "; ".join(differ[:3] + [f"missing {missing[:3]}"] * bool(missing)
                                      + [f"unexpected {extra[:3]}"] * bool(extra))
                          + " (checkpoint vs model)")
@@ -260,11 +264,16 @@ def load_state(net, state):
 
 def load_checkpoint(path, map_location="cpu"):
     """The trained model stored in a checkpoint written by main.py, in eval mode, ready to sample."""
+    return read_checkpoint(path, map_location)[0]
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """(model in eval mode, the checkpoint dict): the one reader of main.py's checkpoints."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     net = build_model(**ckpt["model_args"])
     load_state(net, ckpt["model"])
     device = next(iter(ckpt["model"].values())).device     # wherever map_location put the weights
-    return net.to(device).eval()
+    return net.to(device).eval(), ckpt
 
 
 class DigitClassifier(nn.Module):

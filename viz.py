@@ -18,15 +18,14 @@ from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid, save_image
 
 from data import EVAL_BATCH_SIZE, batches
-from losses import elbo, kl_per_dim
 from models import CVAE, N_CLASSES, reparameterize, seeded
 
 PAD = 2                 # pixels between the images of a grid
 CELL = 28 + PAD         # one image and its padding
 DPI = 100
 ZOOM = 2.5              # screen pixels per image pixel in the matplotlib figures
-BATCH = EVAL_BATCH_SIZE  # the batches of main.evaluate, so the anomaly scores average to its −ELBO
-SCATTER_SIZE = 5000     # test images in the latent scatter and in the per-dimension KL
+BATCH = EVAL_BATCH_SIZE  # images per forward pass
+SCATTER_SIZE = 5000     # test images in the latent scatter
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,15 +339,6 @@ def analogies(net, x, y, path, seed=0):
 # 5. Latent traversals, dimensions ordered by how much information they carry
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def kl_per_dimension(net, x, y, n=SCATTER_SIZE, seed=0):
-    """Average over n test images of KL(q(z_j|x) || N(0, 1)) for each dimension j (they sum to the KL).
-    KL_j = −½ (1 + log σ_j² − μ_j² − σ_j²)   [AEVB App. B]"""
-    idx = random_subset(len(x), n, x.device, seed)
-    mu, logvar = encode(net, x[idx], y[idx])
-    return kl_per_dim(mu, logvar).mean(0)                                   # (latent_dim,)
-
-
-@torch.no_grad()
 def traversal_images(net, x, y, dims, offsets):
     """For one image x (1, 1, 28, 28): row r decodes E[z|x] with z_dims[r] moved by each offset."""
     mu, _ = encode(net, x, y)
@@ -357,13 +347,14 @@ def traversal_images(net, x, y, dims, offsets):
     return decode_means(net, z.flatten(0, 1), y.expand(z.shape[0] * z.shape[1]))
 
 
-def latent_traversals(net, x, y, path, n_digits=3, n_dims=10, n_steps=9, span=3.0, seed=0):
+def latent_traversals(net, x, y, path, kl_per_dim, n_digits=3, n_dims=10, n_steps=9, span=3.0, seed=0):
     """For n_digits random test digits: each row moves one z_j from E[z_j|x] − span to + span
     (prior standard deviations), the others held at E[z|x]; rows are the n_dims dimensions with
-    the largest average KL over the test set, most informative first."""
-    kl = kl_per_dimension(net, x, y, seed=seed)
-    dims = kl.argsort(descending=True)[:n_dims]
-    offsets = torch.linspace(-span, span, n_steps, device=kl.device)
+    the largest KL_j, most informative first. kl_per_dim: the test-set mean KL(q(z_j|x) || N(0, 1))
+    per dimension, the numbers of kl_per_dim.png (main.latent_diagnostics computes both)."""
+    kl = torch.as_tensor(kl_per_dim)
+    dims = kl.argsort(descending=True)[:n_dims].to(x.device)
+    offsets = torch.linspace(-span, span, n_steps, device=x.device)
     idx = random_subset(len(x), n_digits, x.device, seed)
     width, height = grid_size(len(dims), n_steps)
     fig, axes = plt.subplots(1, len(idx), figsize=(len(idx) * (0.6 * width + 0.3) + 1.3, 0.6 * height + 1.4),
@@ -395,8 +386,10 @@ def complete(net, x, y, hidden, n_iters=50):
     """Fill in the pixels of x where `hidden` is True; the observed pixels stay exactly as in x.
 
     Start the hidden pixels at uniform noise, then repeat: z ~ q(z|x̂) (CVAE: q(z|x̂, y)), and
-    x̂_hidden ← σ(logits of p(x|z)), the decoder's pixel means. A Markov chain in the spirit of
-    Rezende et al. 2014's imputation (arXiv:1401.4082), with means in place of sampled pixels.
+    x̂_hidden ← σ(logits of p(x|z)), the decoder's pixel means. A pseudo-Gibbs chain in the spirit of
+    Rezende et al. 2014's imputation (arXiv:1401.4082), with a deterministic step where a Gibbs sampler
+    would draw the pixels: z is sampled, the hidden pixels are not, so a completion is a mean image
+    of p(x_hidden|z) for the chain's last z, not a sample of p(x_hidden|x_observed).
     Random: call it inside models.seeded.
     """
     x_hat = torch.where(hidden, torch.rand_like(x), x)
@@ -426,20 +419,9 @@ def completions(net, x, y, path, n_samples=5, n_iters=50, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Anomaly scores: which test digits does the model find least likely?
+# 7. Anomaly scores: which test digits does the model find least likely? The score of an image is
+# its −ELBO, computed by main.elbo_per_image, whose mean is the test −ELBO main.py reports.
 # ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def neg_elbo_per_image(net, x, y, seed):
-    """−ELBO (nats) of each image, one z ~ q per image: the estimate main.evaluate averages,
-    with the same seed and batches, so the mean is the test −ELBO main.py reports.   [AEVB Eq. 10]"""
-    scores = []
-    with seeded(x.device, seed):
-        for xb, yb in batches(x, y, BATCH):
-            x_logits, mu, logvar = net(xb, yb)
-            scores.append(-elbo(xb, x_logits, mu, logvar)[0])
-    return torch.cat(scores)
-
-
 def anomaly_histogram(net, scores, path, n_marked):
     """Histogram of the scores, with their mean and the score of the n_marked-th least likely."""
     fig, ax = plt.subplots(figsize=(6.4, 4), dpi=DPI)
@@ -466,9 +448,9 @@ def least_likely_grid(net, x, y, scores, path, n, per_row=8):
     save_figure(fig, path)
 
 
-def anomalies(net, x, y, histogram_path, grid_path, n=32, seed=0):
-    """The histogram of per-image test −ELBO, and a grid of the n test digits with the highest."""
-    scores = neg_elbo_per_image(net, x, y, seed).cpu()
+def anomalies(net, x, y, scores, histogram_path, grid_path, n=32):
+    """The histogram of the per-image test −ELBO `scores`, and a grid of the n test digits with the highest."""
+    scores = torch.as_tensor(scores).cpu()
     anomaly_histogram(net, scores, histogram_path, n)
     least_likely_grid(net, x.cpu(), y.cpu(), scores, grid_path, n)
 
@@ -490,8 +472,10 @@ def kl_bars(kl_per_dim, unit_variance, path, title, threshold=0.01):
 # Every figure at once
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def gallery(net, x, y, history, run_dir, seed):
+def gallery(net, x, y, history, run_dir, seed, kl_per_dim, scores):
     """Write every figure that applies to `net` into run_dir; returns the paths written.
+    kl_per_dim: the test-set KL per latent dimension (orders the traversals); scores: the −ELBO of
+    each image of x (the anomaly figures); main.py computes both once for its report and pictures.
 
     Always: latent_space, interpolations, traversals, completions, anomaly_histogram,
     least_likely; manifold when latent_dim is 2; analogies for the CVAE; loss_curves when
@@ -510,9 +494,9 @@ def gallery(net, x, y, history, run_dir, seed):
     interpolations(net, x, y, path("interpolations.png"), seed=seed)
     if isinstance(net, CVAE):
         analogies(net, x, y, path("analogies.png"), seed=seed)
-    latent_traversals(net, x, y, path("traversals.png"), seed=seed)
+    latent_traversals(net, x, y, path("traversals.png"), kl_per_dim, seed=seed)
     completions(net, x, y, path("completions.png"), seed=seed)
-    anomalies(net, x, y, path("anomaly_histogram.png"), path("least_likely.png"), seed=seed)
+    anomalies(net, x, y, scores, path("anomaly_histogram.png"), path("least_likely.png"))
     if history:
         loss_curves(history, path("loss_curves.png"), model_title(net) + ", MNIST", isinstance(net, CVAE))
     return paths

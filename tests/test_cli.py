@@ -2,6 +2,7 @@
 real command line), everything else through main.main(argv) in this process, which is faster."""
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -15,9 +16,16 @@ import main
 PAIRS = [(kind, arch) for kind in ("vae", "cvae") for arch in ("mlp", "conv")]
 
 
+# A subprocess runs with one thread: its numbers are compared bit for bit with runs in the test
+# process (which pins one thread too, tests/test_robustness.py), and float sums split over more
+# threads, or over as many as MKL sees fit on a busy machine, round differently.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def run_main(*args, cwd=ROOT):
+    """main.py in a subprocess; the timeout only stops a hang, it is no measure of speed."""
     return subprocess.run([sys.executable, str(ROOT / "main.py"), *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, timeout=300)
+                          cwd=cwd, capture_output=True, text=True, timeout=1800, env=ONE_THREAD)
 
 
 def main_in_process(capsys, *args):

@@ -1,6 +1,7 @@
 """data.py: unpacking with md5 checks, clear errors, and the in-memory batches."""
 import gzip
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +48,29 @@ def test_damaged_gz_is_refused(tmp_path, monkeypatch):
     gz.write_bytes(gz.read_bytes()[:20])
     with pytest.raises(data.DataError, match="not a readable gzip file"):
         data.prepare_mnist(root, download=False)
+
+
+@pytest.mark.parametrize("failure", ["read-only folder", "full disk"])
+def test_a_folder_that_cannot_take_the_unpacked_file_is_not_blamed_on_the_gz(tmp_path, monkeypatch, failure):
+    root = make_tiny_mnist(tmp_path / "data")
+    monkeypatch.setattr(data, "MNIST_MD5", gzip_raw_files(root))
+    real_open = open
+
+    def failing_open(path, mode="r", *args, **kwargs):    # only the unpacked output fails
+        if str(path).endswith(".part") and "w" in mode:
+            if failure == "read-only folder":               # chmod does not stop root, so pretend
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open("/dev/full", mode)            # every write: ENOSPC, from the kernel
+        return real_open(path, mode, *args, **kwargs)
+    if failure == "full disk" and not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    monkeypatch.setattr(data, "open", failing_open, raising=False)
+    with pytest.raises(data.DataError) as err:
+        data.prepare_mnist(root, download=False)
+    message = str(err.value)
+    assert message.startswith("cannot write") and "gzip" not in message and "replace" not in message
+    assert ("Permission denied" if failure == "read-only folder" else "No space left") in message
+    assert not list(data.raw_dir(root).glob("*.part"))               # nothing half-written left
 
 
 def test_missing_data_names_the_folder_and_the_files(tmp_path):

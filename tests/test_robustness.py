@@ -14,7 +14,7 @@ import torch
 
 from conftest import ROOT
 import main
-from test_cli import main_in_process, run_main
+from test_cli import ONE_THREAD, main_in_process, run_main
 
 TINY = ["--model", "vae", "--batch-size", 16, "--val-size", 16, "--latent-dim", 3, "--iw-samples", 5]
 
@@ -24,6 +24,17 @@ def no_pictures(monkeypatch):
     """Runs in this process skip the pictures (tests/test_cli.py and test_viz.py check those);
     a subprocess draws them as always."""
     monkeypatch.setattr(main, "draw", lambda *args, **kwargs: None)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Runs here are compared bit for bit with runs in a subprocess, which test_cli.run_main starts
+    with one thread: a float sum split over another number of threads (or over the threads MKL
+    leaves itself on a busy machine) rounds differently. So this process uses one thread too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def weights(path):
@@ -83,37 +94,76 @@ def test_a_run_stopped_after_epoch_2_and_resumed_ends_exactly_like_the_uninterru
     assert same_weights(weights(parts / "checkpoint.pt"), weights(whole / "checkpoint.pt"))
     assert same_weights(weights(parts / "best.pt"), weights(whole / "best.pt"))
     a, b = (json.loads((r / "metrics.json").read_text()) for r in (whole, parts))
+    assert b.pop("earlier_finals")[0]["run_epochs"] == 2          # the 2-epoch run's report, kept
     assert without_timings(a) == without_timings(b)
+
+
+# The child trains as main.py does, but its first training step of epoch 2 waits, forever, for the
+# signal: so the signal always lands at the same place (inside an epoch, the progress bar open,
+# epoch 1's checkpoint on disk), not wherever a sleep happened to end on a loaded machine.
+PAUSE_IN_EPOCH_2 = """
+import pathlib, sys, time
+import torch
+sys.path.insert(0, {root!r})
+import main
+real, steps = main.elbo_terms, []
+
+def pausing(net, x, y, bf16=False):           # TINY: 5 training steps an epoch
+    if torch.is_grad_enabled():
+        steps.append(1)
+        if len(steps) == 6:
+            pathlib.Path({marker!r}).write_text("waiting")
+            while True:
+                time.sleep(1)
+    return real(net, x, y, bf16)
+
+main.elbo_terms = pausing
+main.stop_on_sigterm()
+main.main(sys.argv[1:])
+"""
+
+
+def wait_for(path, proc, limit=600):
+    """Until path exists; fails at once if the child ended first. The limit only stops a hang."""
+    deadline = time.monotonic() + limit
+    while not path.exists():
+        assert proc.poll() is None, f"the child ended with code {proc.returncode} before {path.name}"
+        assert time.monotonic() < deadline, f"no {path.name} after {limit} s"
+        time.sleep(0.05)
 
 
 # SIGINT is Ctrl-C in a terminal; SIGTERM is `kill PID`, how a job started with nohup or & (which
 # ignores SIGINT) is stopped
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_kill_keeps_the_last_epoch_and_the_run_resumes_to_the_same_weights(tiny_mnist, tmp_path, stop):
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *map(str, TINY), "--epochs", "1000",
-                             "--data-dir", str(tiny_mnist), "--out-dir", str(out)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            # a shell running us in the background ignores SIGINT, and its children
-                            # inherit that; give the child the default, as a terminal would
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("*/checkpoint.pt")):
-        time.sleep(0.05)
-    time.sleep(0.2)                                        # somewhere in a later epoch
-    proc.send_signal(stop)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    out, marker, log = tmp_path / "run", tmp_path / "waiting", tmp_path / "stderr.txt"
+    code = PAUSE_IN_EPOCH_2.format(root=str(ROOT), marker=str(marker))
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", code, *map(str, TINY), "--epochs", "3",
+                                 "--data-dir", str(tiny_mnist), "--out-dir", str(out)],
+                                cwd=ROOT, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=stderr,
+                                # a shell running us in the background ignores SIGINT, and its children
+                                # inherit that; give the child the default, as a terminal would
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            wait_for(marker, proc)
+            assert (only_run(out) / "checkpoint.pt").is_file()      # epoch 1's, seen on disk
+            proc.send_signal(stop)
+            proc.wait(timeout=120)
+        finally:                                                    # never leave it running
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    err = log.read_text()
+    assert proc.returncode == 130, err
     last = err.strip().splitlines()[-1]                   # after the progress bars on stderr
     assert last.startswith("error: interrupted") and "--resume" in last and "Traceback" not in err, err
     run_dir = only_run(out)
     assert not list(run_dir.glob("*.tmp"))                 # no half-written file left behind
     assert not (run_dir / "writer.lock").exists()          # nor a lock that would refuse the resume
-    k = torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"]
-    assert 1 <= k < 1000 and f"holds epoch {k}" in err
-    main.main(["--resume", str(run_dir / "checkpoint.pt"), "--epochs", str(k + 2)])
-    # an uninterrupted run of k + 2 epochs (the constant learning rate ignores --epochs)
-    train_tiny(tiny_mnist, tmp_path / "ref", "--epochs", k + 2)
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1 and "holds epoch 1" in err
+    main.main(["--resume", str(run_dir / "checkpoint.pt"), "--epochs", "3"])
+    train_tiny(tiny_mnist, tmp_path / "ref", "--epochs", 3)         # the uninterrupted run
     assert same_weights(weights(run_dir / "checkpoint.pt"), weights(only_run(tmp_path / "ref") / "checkpoint.pt"))
 
 
@@ -175,6 +225,8 @@ def test_best_checkpoint_and_early_stopping_follow_the_validation_elbo(tiny_mnis
     (["--activation", "sigmoid"], "invalid choice"),
     (["--binarize", "static"], "invalid choice"),
     (["--resume", "missing.pt"], "no checkpoint at missing.pt"),
+    (["--seed", "99999999999999999999"], "--seed must be from 0 to 2**64 - 1"),    # torch.manual_seed's range
+    (["--seed", "-1"], "--seed must be from 0 to 2**64 - 1"),
 ])
 def test_more_bad_input_gets_one_line_and_exit_code_2(tiny_mnist, tmp_path, capsys, args, message):
     code, _, err = main_in_process(capsys, *args, "--data-dir", tiny_mnist, "--out-dir", tmp_path / "out")
@@ -319,23 +371,49 @@ def test_resume_refuses_what_it_cannot_honour_and_leaves_the_run_alone(trained_r
     assert {p.name: p.read_bytes() for p in trained_run.iterdir()} == before
 
 
-def test_a_run_being_written_by_another_process_is_not_resumed_a_second_time(trained_run, tiny_mnist, capsys):
+# another process that holds the lock as main.writer_lock does (flock), without importing torch
+HOLD_LOCK = ("import fcntl, os, socket, sys; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+             "f.write(f'{os.getpid()}@{socket.gethostname()}'); f.flush(); print('held', flush=True); sys.stdin.read()")
+
+
+def test_a_run_being_written_by_another_process_is_not_resumed_until_that_process_dies(trained_run, tiny_mnist,
+                                                                                       capsys):
+    pytest.importorskip("fcntl")
     lock = trained_run / "writer.lock"
-    lock.write_text(f"{os.getpid()}@{socket.gethostname()}")          # this process runs: a live writer
-    before = {p.name: p.read_bytes() for p in trained_run.iterdir()}
-    code, _, err = main_in_process(capsys, "--resume", trained_run / "checkpoint.pt", "--epochs", 2,
-                                   "--data-dir", tiny_mnist)
-    assert code == 2 and "is being written by another process" in err and str(lock) in err, err
-    assert len(err.strip().splitlines()) == 1
-    assert {p.name: p.read_bytes() for p in trained_run.iterdir()} == before
-
-
-def test_a_lock_left_by_a_process_that_has_ended_is_taken_over(trained_run, tiny_mnist):
-    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (trained_run / "writer.lock").write_text(f"{ended.stdout.strip()}@{socket.gethostname()}")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = {p.name: p.read_bytes() for p in trained_run.iterdir()}
+        code, _, err = main_in_process(capsys, "--resume", trained_run / "checkpoint.pt", "--epochs", 2,
+                                       "--data-dir", tiny_mnist)
+        assert code == 2 and "is being written by another process" in err and f"{holder.pid}@" in err, err
+        assert len(err.strip().splitlines()) == 1
+        assert {p.name: p.read_bytes() for p in trained_run.iterdir()} == before
+    finally:
+        holder.kill()                       # kill -9: no clean-up of its own, the file stays
+        holder.wait()
+    assert lock.exists()                    # but the kernel released the flock with the process
     main.main(["--resume", str(trained_run / "checkpoint.pt"), "--epochs", "2", "--data-dir", str(tiny_mnist)])
     assert torch.load(trained_run / "checkpoint.pt", weights_only=True)["epoch"] == 2
-    assert not (trained_run / "writer.lock").exists()                 # released at the end
+    assert not lock.exists()                # released at the end
+
+
+@pytest.mark.parametrize("flock", [True, False])
+def test_the_writer_lock_has_one_holder_at_a_time(tmp_path, monkeypatch, flock):
+    if flock:
+        pytest.importorskip("fcntl")
+    else:                                   # Windows: the file's existence is the lock
+        monkeypatch.setattr(main, "fcntl", None)
+    with main.writer_lock(tmp_path):
+        assert (tmp_path / "writer.lock").read_text() == f"{os.getpid()}@{socket.gethostname()}"
+        with pytest.raises(main.UsageError, match="being written by another process") as refusal:
+            with main.writer_lock(tmp_path):
+                pass
+        assert ("delete" in str(refusal.value)) != flock     # only a file lock needs a hand to delete it
+    with main.writer_lock(tmp_path):        # released: the next holder takes it
+        pass
+    assert not (tmp_path / "writer.lock").exists()
 
 
 def test_resume_keeps_a_cosine_runs_length(tiny_mnist, tmp_path, capsys):
@@ -360,3 +438,61 @@ def test_an_unreadable_cached_classifier_is_retrained(tiny_mnist, capsys):
     net, accuracy = main.load_classifier(tiny_mnist, torch.device("cpu"), seed=1)
     assert "cannot use" in capsys.readouterr().out and 0 <= accuracy <= 1
     assert torch.load(tiny_mnist / "classifier.pt", weights_only=True)["test_accuracy"] == accuracy
+
+
+def test_the_largest_seed_torch_takes_is_accepted():
+    main.check_config(main.Config(seed=main.SEED_RANGE[1]))
+    torch.manual_seed(main.SEED_RANGE[1])
+
+
+def test_out_of_memory_gets_one_line_that_suggests_a_smaller_batch(tiny_mnist, tmp_path, capsys, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.15 GiB total)")
+    monkeypatch.setattr(main, "train_epoch", out_of_memory)
+    code, _, err = main_in_process(capsys, *TINY, "--epochs", 1, "--data-dir", tiny_mnist, "--out-dir", tmp_path / "out")
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: out of memory") and "smaller --batch-size" in err and "Tried to allocate" in err
+    assert not (only_run(tmp_path / "out") / "writer.lock").exists()
+
+
+def test_eval_records_the_settings_it_used_not_the_checkpoints(trained_run, tiny_mnist, tmp_path, capsys):
+    code, _, err = main_in_process(capsys, "--eval", trained_run / "checkpoint.pt", "--seed", 7, "--max-batches", 1,
+                                   "--data-dir", tiny_mnist, "--out-dir", tmp_path / "eval")
+    assert code == 0, err
+    metrics = json.loads((only_run(tmp_path / "eval") / "metrics.json").read_text())
+    assert metrics["config"]["seed"] == 7 and metrics["config"]["max_batches"] == 1       # a partial evaluation
+    assert metrics["trained_config"]["seed"] == 1 and metrics["trained_config"]["max_batches"] == 0
+
+
+def test_resuming_a_finished_run_keeps_its_final_report(trained_run, tiny_mnist, capsys, monkeypatch):
+    first = json.loads((trained_run / "metrics.json").read_text())["final"]
+    real = main.train_and_evaluate
+
+    def interrupted_in_epoch_3(net, optimizer, cfg, sets, generator, epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return real(net, optimizer, cfg, sets, generator, epoch)
+    monkeypatch.setattr(main, "train_and_evaluate", interrupted_in_epoch_3)
+    code, _, err = main_in_process(capsys, "--resume", trained_run / "checkpoint.pt", "--epochs", 3,
+                                   "--data-dir", tiny_mnist)
+    assert code == 130, err
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert "final" not in metrics                                # the resumed run has not finished
+    assert metrics["earlier_finals"] == [{**first, "run_epochs": 1}]     # but the finished one's report stays
+    monkeypatch.setattr(main, "train_and_evaluate", real)
+    main.main(["--resume", str(trained_run / "checkpoint.pt"), "--epochs", "3", "--data-dir", str(tiny_mnist)])
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["final"]["iw_samples"] == 5 and metrics["earlier_finals"] == [{**first, "run_epochs": 1}]
+
+
+def test_the_default_data_dir_is_the_projects_from_any_working_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)                                  # not the project folder
+    code, _, err = main_in_process(capsys, "--model", "vae", "--epochs", 1, "--max-batches", 1, "--iw-samples", 0,
+                                   "--out-dir", tmp_path / "out")
+    assert code == 0, err
+    assert not (tmp_path / "data").exists()                      # no download into the working directory
+    metrics = json.loads((only_run(tmp_path / "out") / "metrics.json").read_text())
+    assert metrics["config"]["data_dir"] == str(ROOT / "data")
+    # a --data-dir given on the command line is read as written, from the working directory
+    cfg = main.resolve_data_dir(main.Config(data_dir="data"), given={"data_dir"})
+    assert cfg.data_dir == "data"

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import losses
+import main
 import models
 import viz
 
@@ -46,7 +47,9 @@ def test_gallery_writes_every_figure_that_applies(tmp_path, kind, arch, latent_d
     net = small_model(kind, arch, latent_dim)
     x, y = fake_test_set()
     rng_before = torch.random.get_rng_state()
-    paths = viz.gallery(net, x, y, history, tmp_path, seed=1)
+    kl_per_dim = main.latent_diagnostics(net, x, y)["kl_per_dim"]
+    scores = -main.elbo_per_image(net, x, y, seed=1)[0]
+    paths = viz.gallery(net, x, y, history, tmp_path, 1, kl_per_dim, scores)
     expected = set(ALWAYS)
     expected |= {"manifold.png"} if latent_dim == 2 else set()
     expected |= {"analogies.png"} if kind == "cvae" else set()
@@ -125,9 +128,20 @@ def test_kl_per_dimension_sums_to_the_kl():
     net = small_model("vae", "mlp", latent_dim=4)
     x, y = fake_test_set()
     mu, logvar = net.encode(x)
-    per_dim = viz.kl_per_dimension(net, x, y, n=len(x))
+    per_dim = torch.tensor(main.latent_diagnostics(net, x, y)["kl_per_dim"])
     assert per_dim.shape == (4,) and (per_dim >= 0).all()
     torch.testing.assert_close(per_dim.sum(), losses.kl_to_standard_normal(mu, logvar).mean())
+
+
+def test_traversals_order_their_rows_by_the_kl_they_are_given(tmp_path, monkeypatch):
+    """One KL per dimension: the traversal rows follow the numbers kl_per_dim.png draws."""
+    net = small_model("vae", "mlp", latent_dim=4)
+    x, y = fake_test_set()
+    drawn = []
+    monkeypatch.setattr(viz, "traversal_images", lambda net, x, y, dims, offsets: drawn.append(dims.tolist())
+                        or torch.zeros(len(dims) * len(offsets), 1, 28, 28))
+    viz.latent_traversals(net, x, y, tmp_path / "t.png", [0.5, 3.0, 0.0, 1.0], n_digits=1)
+    assert drawn == [[1, 3, 0, 2]]
 
 
 def test_loss_curves_with_and_without_the_train_terms(tmp_path):
@@ -143,9 +157,13 @@ def test_loss_curves_with_and_without_the_train_terms(tmp_path):
 
 @pytest.mark.parametrize("kind", ["vae", "cvae"])
 def test_anomaly_scores_average_to_the_test_neg_elbo_main_reports(kind):
-    import main
     net = small_model(kind, "mlp", latent_dim=3)
     x, y = fake_test_set()
-    scores = viz.neg_elbo_per_image(net, x, y, seed=3)
+    elbo, log_px, kl = main.elbo_per_image(net, x, y, seed=3)
+    scores = -elbo
     assert scores.shape == (64,) and (scores > 0).all()
     assert scores.mean().item() == pytest.approx(main.evaluate(net, x, y, seed=3)["test_neg_elbo"], rel=1e-6)
+    # a second computation: the ELBO of AEVB Eq. 10 straight from the model, the same z drawn
+    with models.seeded(x.device, 3), torch.no_grad():
+        reference = losses.elbo(x, *net(x, y))
+    torch.testing.assert_close(torch.stack([elbo, log_px, kl]), torch.stack(reference))
