@@ -272,8 +272,10 @@ def baseline_sizes(x_bits):
 
 def cpu_name():
     """The CPU's model name, printed beside every timing."""
-    with contextlib.suppress(OSError):
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:      # Linux on x86 (ARM lists no name)
+        name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+        if name:
+            return name
     return platform.processor() or platform.machine()
 
 

@@ -12,6 +12,7 @@ pass. Here the whole set is one (n, 1, 28, 28) float tensor and a batch is one i
 import gzip
 import hashlib
 import os
+import zlib
 from pathlib import Path
 
 import torch
@@ -78,7 +79,8 @@ def read_gzip(src, gz_path):
     """The next chunk of the decompressed file; a DataError if the .gz is damaged."""
     try:
         return src.read(1 << 20)
-    except (OSError, EOFError) as err:     # gzip.BadGzipFile is an OSError; a cut file ends in EOFError
+    except (OSError, EOFError, zlib.error) as err:   # BadGzipFile is an OSError; a cut file: EOFError;
+                                                     # a corrupt deflate stream: zlib.error
         raise DataError(f"{gz_path} is not a readable gzip file ({err}): replace it with a good copy") from None
 
 

@@ -81,9 +81,9 @@ class Config:
                                                    "end (papers: 5000); 0 = skip"})
     device: str = field(default="auto", metadata={"help": "auto (the accelerator torch finds: CUDA, MPS, XPU, ...; "
                                                   "else the CPU), cpu, or a device such as cuda, cuda:1, mps, xpu"})
-    data_dir: str = field(default="data", metadata={"help": "folder holding MNIST/raw/; the default is the data/ "
-                                                    "beside main.py (shipped), a path given is read from the "
-                                                    "working directory"})
+    data_dir: str = field(default="data", metadata={"help": "folder holding MNIST/raw/; data (the default) is the "
+                                                    "data/ beside main.py (shipped), from any working directory; "
+                                                    "any other relative path is read from the working directory"})
     out_dir: str = field(default="results", metadata={"help": "each run writes a new folder in here"})
     max_batches: int = field(default=0, metadata={"help": "stop each epoch after this many batches (smoke runs); 0 = all"})
     eval: str = field(default="", metadata={"help": "path to a checkpoint (.pt): evaluate and draw it, no training"})
@@ -143,10 +143,7 @@ def check_config(cfg):
     for name in ("lr", "adam_eps"):
         if not getattr(cfg, name) > 0:
             raise UsageError(f"{flag(name)} must be a positive number, got {getattr(cfg, name)}")
-    channels = cfg.conv_channels.replace(" ", "").split(",")
-    if len(channels) < 2 or not all(c.isdigit() and int(c) > 0 for c in channels):
-        raise UsageError(f"--conv-channels {cfg.conv_channels!r}: give two or more positive channel counts "
-                         f"separated by commas, e.g. 32,64,128")
+    conv_channels(cfg)
     if not cfg.beta >= 0:
         raise UsageError(f"--beta must be 0 or more, got {cfg.beta}")
     if cfg.patience and not cfg.val_size:
@@ -158,17 +155,30 @@ def check_config(cfg):
 
 
 def conv_channels(cfg):
-    """--conv-channels "32,64,128" -> (32, 64, 128)."""
-    return tuple(int(c) for c in cfg.conv_channels.split(","))
+    """--conv-channels "32,64,128" -> (32, 64, 128), or a UsageError."""
+    try:
+        channels = tuple(int(c) for c in cfg.conv_channels.split(","))
+    except ValueError:
+        channels = ()
+    if len(channels) < 2 or min(channels) < 1:
+        raise UsageError(f"--conv-channels {cfg.conv_channels!r}: give two or more positive channel counts "
+                         f"separated by commas, e.g. 32,64,128")
+    return channels
 
 
-def resolve_data_dir(cfg, given):
-    """The default --data-dir, "data", is the data/ folder beside main.py whatever the working
-    directory (run from elsewhere it would otherwise try to download MNIST and retrain the judge);
-    a --data-dir given on the command line is taken as written, relative to the working directory."""
-    if "data_dir" in given or cfg.data_dir != Config.data_dir:
-        return cfg
-    return dataclasses.replace(cfg, data_dir=str(PROJECT_DIR / cfg.data_dir))
+def build_net(kind, cfg, device):
+    """A new model of kind 'vae' or 'cvae' with the configuration's architecture, on device."""
+    latent_dim = cfg.cvae_latent_dim if kind == "cvae" else cfg.latent_dim
+    return models.build_model(kind, cfg.arch, latent_dim, cfg.hidden_dim, cfg.hidden_layers, cfg.activation,
+                              conv_channels(cfg)).to(device)
+
+
+def data_path(data_dir):
+    """--data-dir as a path: "data" (the default) is the data/ folder beside main.py whatever the
+    working directory (run from elsewhere it would otherwise try to download MNIST and retrain the
+    judge); any other relative path is read from the working directory. Resolved where it is used,
+    so configurations keep "data" and a run folder moved to another clone still finds its data."""
+    return PROJECT_DIR / data_dir if data_dir == Config.data_dir else Path(data_dir)
 
 
 def pick_device(name, precision="fp32"):
@@ -227,8 +237,12 @@ def writer_lock(run_dir):
         f.flush()
         yield
     finally:
-        lock.unlink(missing_ok=True)       # before the unlock: a waiter that opened it sees it is stale
-        f.close()
+        if fcntl:
+            lock.unlink(missing_ok=True)   # before the unlock: a waiter that opened it sees it is stale
+            f.close()
+        else:
+            f.close()                      # Windows cannot delete a file that is still open
+            lock.unlink(missing_ok=True)
 
 
 def open_lock(lock):
@@ -307,8 +321,9 @@ FUSED_ADAM_DEVICES = {"cpu", "cuda", "mps", "xpu", "hpu"}     # where torch.opti
 def make_optimizer(net, lr, eps):
     """Adam; the fused kernel updates all parameters in one call (about 10% of a CPU epoch saved),
     on the devices that have one; elsewhere the default (foreach) implementation."""
-    fused = next(net.parameters()).device.type in FUSED_ADAM_DEVICES
-    return torch.optim.Adam(net.parameters(), lr=lr, eps=eps, fused=fused or None)
+    # fused=None (not False) elsewhere: False would force the slow per-parameter loop
+    fused = True if next(net.parameters()).device.type in FUSED_ADAM_DEVICES else None
+    return torch.optim.Adam(net.parameters(), lr=lr, eps=eps, fused=fused)
 
 
 IWAE_STAGES = 8       # Burda et al. 2015, §5: 3^i epochs at lr * 10^(-i/7), i = 0..7: 3280 epochs
@@ -421,7 +436,7 @@ def classifier_accuracy(net, x, y):
 def load_classifier(data_dir, device, seed):
     """The classifier cached at data_dir/classifier.pt; if absent, trained (about a minute on a CPU)
     on the 60,000 grey training images and scored on the 10,000 test images, whatever the run."""
-    path = Path(data_dir) / "classifier.pt"
+    path = data_path(data_dir) / "classifier.pt"
     if path.is_file():
         try:
             ckpt = torch.load(path, map_location=device, weights_only=True)
@@ -431,7 +446,7 @@ def load_classifier(data_dir, device, seed):
         except Exception as err:        # truncated, or another project's file: train a new judge
             print(f"warning: cannot use {path} ({type(err).__name__}); training a new classifier in its place")
     print(f"training the digit classifier that judges the CVAE's samples (once; cached in {path})")
-    net, accuracy = train_classifier(*data.load_mnist(data_dir, device), seed)
+    net, accuracy = train_classifier(*data.load_mnist(data_path(data_dir), device), seed)
     try:
         save_atomic(lambda p: torch.save({"model": net.state_dict(), "test_accuracy": accuracy}, p), path)
     except OSError as err:
@@ -512,7 +527,7 @@ def final_report(net, cfg, epoch, sets, judge):
 # ------------------------------------------------------------------------------------------------
 def load_sets(cfg, device):
     """(train, val, test) tensors; with --binarize dynamic, val and test binarized once, here."""
-    train_set, test_set = data.load_mnist(cfg.data_dir, device)
+    train_set, test_set = data.load_mnist(data_path(cfg.data_dir), device)
     train_set, val_set = data.split_validation(train_set, cfg.val_size)
     if cfg.binarize == "dynamic":
         val_set = (data.binarize_once(val_set[0], "val"), val_set[1])
@@ -588,9 +603,10 @@ def saved_config(cfg, given, ckpt, may_change, what):
     version's) are dropped, missing ones take today's defaults."""
     fields = {f.name for f in dataclasses.fields(Config)}
     stored = {k: v for k, v in (ckpt.get("config") or {}).items() if k in fields}
-    if stored.get("arch") == "conv" and "conv_channels" not in stored:   # written before the flag existed
-        stored["conv_channels"] = ",".join(map(str, ckpt["model_args"].get("conv_channels")
-                                               or models.LEGACY_CONV_CHANNELS))
+    if stored.get("arch") == "conv" and "conv_channels" not in stored:   # written before the flag existed,
+        args = ckpt["model_args"]                                        # when hidden_dim 0 meant 256
+        stored.update(conv_channels=",".join(map(str, args.get("conv_channels") or models.LEGACY_CONV_CHANNELS)),
+                      hidden_dim=args["hidden_dim"])
     saved = Config(**{**dataclasses.asdict(Config()), **stored})
     for name in sorted(given - may_change):
         if getattr(cfg, name) != getattr(saved, name):
@@ -604,23 +620,22 @@ def train(kind, cfg, device, sets, resume=None):
     """Train one model (kind 'vae' or 'cvae') and write its run folder; returns the folder.
     With resume = (net, ckpt, run_dir), continue that run from the epoch after the checkpoint's."""
     torch.manual_seed(cfg.seed)
-    latent_dim = cfg.cvae_latent_dim if kind == "cvae" else cfg.latent_dim
-    net = models.build_model(kind, cfg.arch, latent_dim, cfg.hidden_dim, cfg.hidden_layers, cfg.activation,
-                             conv_channels(cfg)).to(device)
+    # a resumed run continues the model its checkpoint holds (built from its model_args), so a
+    # checkpoint written before a flag existed resumes whatever today's defaults say
+    net = resume[0] if resume else build_net(kind, cfg, device)
     optimizer = make_optimizer(net, cfg.lr, cfg.adam_eps)
     generator = torch.Generator().manual_seed(cfg.seed)          # the shuffling order
     run_cfg = dataclasses.replace(cfg, model=kind, resume="")
     history, first = [], 1
     if resume:
-        saved_net, ckpt, run_dir = resume
-        net.load_state_dict(saved_net.state_dict())
+        _, ckpt, run_dir = resume
         optimizer.load_state_dict(ckpt["optimizer"])
         history, first = ckpt["history"], ckpt["epoch"] + 1
         restore_rng(ckpt["rng"], generator)
         print(f"resuming {run_dir} after epoch {ckpt['epoch']}")
     else:
         run_dir = make_run_dir(cfg.out_dir, f"{kind}-{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
-    print(f"{kind.upper()} ({cfg.arch}, latent {latent_dim}) on {device}: writing {run_dir}")
+    print(f"{kind.upper()} ({cfg.arch}, latent {net.latent_dim}) on {device}: writing {run_dir}")
     with writer_lock(run_dir):
         train_epochs(net, optimizer, cfg, run_cfg, sets, generator, history, first, run_dir)
         finish(net, kind, cfg, run_cfg, history, sets, run_dir)
@@ -730,7 +745,6 @@ def evaluate_checkpoint(cfg, given, net, ckpt):
     it was trained with (binarization, seed), unless EVALUABLE flags say otherwise."""
     args = ckpt["model_args"]
     run_cfg = dataclasses.replace(saved_config(cfg, given, ckpt, EVALUABLE, "checkpoint"), val_size=0, resume="")
-    run_cfg = resolve_data_dir(run_cfg, given)
     device = next(net.parameters()).device
     sets = load_sets(run_cfg, device)
     run_dir = make_run_dir(cfg.out_dir, f"eval-{args['model']}-{args['arch']}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -749,24 +763,23 @@ def evaluate_checkpoint(cfg, given, net, ckpt):
 def run(cfg, given=frozenset()):
     check_config(cfg)
     if cfg.compress or cfg.decompress or cfg.checkpoint:     # lossless coding with a VAE: bbans.py
-        return [bbans.run(cfg, read_checkpoint, make_run_dir)]
+        return [bbans.run(dataclasses.replace(cfg, data_dir=str(data_path(cfg.data_dir))), read_checkpoint,
+                          make_run_dir)]
     device = pick_device(cfg.device, cfg.precision)
     if cfg.eval:
         net, ckpt = read_checkpoint(cfg.eval, device)      # refuse a bad checkpoint before loading data
         return [evaluate_checkpoint(cfg, given, net, ckpt)]
     if cfg.resume:
-        net, ckpt = read_checkpoint(cfg.resume, device)
+        net, ckpt = read_checkpoint(cfg.resume, torch.device("cpu"))     # moved once the run's device is known
         if "rng" not in ckpt or "optimizer" not in ckpt:
             raise UsageError(f"{cfg.resume} holds no optimizer or random states (best.pt, a shipped model or "
                              f"an older checkpoint): resume from the run's checkpoint.pt")
         run_dir = Path(cfg.resume).parent
         cfg = dataclasses.replace(saved_config(cfg, given, ckpt, RESUMABLE, "resumed run"), eval="")
-        cfg = resolve_data_dir(cfg, given)
         check_config(cfg)
-        pick_device(cfg.device, cfg.precision)            # the run's own precision, on this device
+        device = pick_device(cfg.device, cfg.precision)   # the run's own, unless --device is given
         check_resume(cfg, ckpt)
-        return [train(cfg.model, cfg, device, load_sets(cfg, device), (net, ckpt, run_dir))]
-    cfg = resolve_data_dir(cfg, given)
+        return [train(cfg.model, cfg, device, load_sets(cfg, device), (net.to(device), ckpt, run_dir))]
     sets = load_sets(cfg, device)
     kinds = ["vae", "cvae"] if cfg.model == "both" else [cfg.model]
     return [train(kind, cfg, device, sets) for kind in kinds]

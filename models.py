@@ -16,8 +16,9 @@ IMAGE_SHAPE = (1, 28, 28)
 X_DIM = 28 * 28
 N_CLASSES = 10
 DEFAULT_HIDDEN_DIM = {"mlp": 400, "conv": 500}   # AEVB's MNIST MLP / source B's conv dense layer
+DEFAULT_CONV_CHANNELS = (32, 64, 128)            # source B's conv layers
 # Conv checkpoints written before the channels were a flag hold no "conv_channels": they were
-# built with (32, 64), which build_model therefore takes when none is given.
+# built with (32, 64), which read_checkpoint therefore takes when none is stored.
 LEGACY_CONV_CHANNELS = (32, 64)
 
 
@@ -104,16 +105,16 @@ def reparameterize(mu, logvar):
 def seeded(device, seed):
     """Random numbers on `device` start from `seed` inside; outside, the global random state is as
     it was, so seeded evaluation and pictures never shift the training run's random stream."""
-    on_accelerator = device.type != "cpu"          # CUDA, MPS, XPU, ...: fork that device's stream too
-    with torch.random.fork_rng(devices=[device] if on_accelerator else [],
-                               device_type=device.type if on_accelerator else None):
+    # on CUDA, MPS, XPU, ...: fork that device's stream too; on the CPU only the CPU's
+    accelerator = {"devices": [device], "device_type": device.type} if device.type != "cpu" else {"devices": []}
+    with torch.random.fork_rng(**accelerator):
         torch.manual_seed(seed)
         yield
 
 
 def body_args(arch, hidden_layers, activation, conv_channels):
     """The keyword arguments of the arch's encoder and decoder, checked; conv_channels is
-    (c_1, ..., c_L) for the conv body, at least two layers to reach 7x7, and None for the MLP."""
+    (c_1, ..., c_L) for the conv body, at least two layers to reach 7x7; the MLP ignores it."""
     if arch not in BODIES:
         raise ValueError(f"unknown architecture {arch!r}: use one of {sorted(BODIES)}")
     if activation not in ACTIVATIONS:
@@ -131,12 +132,13 @@ def body_args(arch, hidden_layers, activation, conv_channels):
 # ---------------------------------------------------------------------------------------------
 class VAE(nn.Module):
     def __init__(self, arch="mlp", latent_dim=20, hidden_dim=400, hidden_layers=1, activation="relu",
-                 conv_channels=None):
+                 conv_channels=DEFAULT_CONV_CHANNELS):
         super().__init__()
         body = body_args(arch, hidden_layers, activation, conv_channels)
         make_encoder, make_decoder = BODIES[arch]
         self.arch, self.latent_dim, self.hidden_dim = arch, latent_dim, hidden_dim
-        self.hidden_layers, self.activation, self.conv_channels = hidden_layers, activation, conv_channels
+        self.hidden_layers, self.activation = hidden_layers, activation
+        self.conv_channels = body.get("channels")                       # None for the MLP
         self.encoder = make_encoder(hidden_dim, **body)
         self.enc_mu = nn.Linear(hidden_dim, latent_dim)        # mean of q(z|x)
         self.enc_logvar = nn.Linear(hidden_dim, latent_dim)    # log σ² of q(z|x)
@@ -170,12 +172,13 @@ class VAE(nn.Module):
 
 class CVAE(nn.Module):
     def __init__(self, arch="mlp", latent_dim=20, hidden_dim=400, hidden_layers=1, activation="relu",
-                 conv_channels=None, n_classes=N_CLASSES):
+                 conv_channels=DEFAULT_CONV_CHANNELS, n_classes=N_CLASSES):
         super().__init__()
         body = body_args(arch, hidden_layers, activation, conv_channels)
         make_encoder, make_decoder = BODIES[arch]
         self.arch, self.latent_dim, self.hidden_dim = arch, latent_dim, hidden_dim
-        self.hidden_layers, self.activation, self.conv_channels = hidden_layers, activation, conv_channels
+        self.hidden_layers, self.activation = hidden_layers, activation
+        self.conv_channels = body.get("channels")                       # None for the MLP
         self.n_classes = n_classes
         self.encoder = make_encoder(hidden_dim, label_dim=n_classes, **body)    # sees x and y
         self.enc_mu = nn.Linear(hidden_dim, latent_dim)                 # mean of q(z|x, y)
@@ -223,11 +226,10 @@ MODELS = {"vae": VAE, "cvae": CVAE}
 
 
 def build_model(model, arch, latent_dim, hidden_dim, hidden_layers=1, activation="relu",
-                conv_channels=LEGACY_CONV_CHANNELS):
+                conv_channels=DEFAULT_CONV_CHANNELS):
     """The model named `model` ('vae' or 'cvae'); hidden_dim 0 means the arch's default.
     conv_channels is used by the conv arch only (main.py passes --conv-channels)."""
     hidden_dim = hidden_dim or DEFAULT_HIDDEN_DIM[arch]
-    conv_channels = tuple(conv_channels) if arch == "conv" and conv_channels else None
     net = MODELS[model](arch=arch, latent_dim=latent_dim, hidden_dim=hidden_dim, hidden_layers=hidden_layers,
                         activation=activation, conv_channels=conv_channels)
     # Convolution weights stored channels-last (NHWC): oneDNN then runs every convolution in that
@@ -270,7 +272,7 @@ def load_checkpoint(path, map_location="cpu"):
 def read_checkpoint(path, map_location="cpu"):
     """(model in eval mode, the checkpoint dict): the one reader of main.py's checkpoints."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    net = build_model(**ckpt["model_args"])
+    net = build_model(**{"conv_channels": LEGACY_CONV_CHANNELS, **ckpt["model_args"]})
     load_state(net, ckpt["model"])
     device = next(iter(ckpt["model"].values())).device     # wherever map_location put the weights
     return net.to(device).eval(), ckpt

@@ -7,7 +7,6 @@ version and the thread count first, because these numbers belong to the machine 
     python benchmarks/source_speed.py --batches 100   # steadier, slower
 """
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -18,34 +17,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data      # noqa: E402
 import main      # noqa: E402
-import models    # noqa: E402
+from bbans import cpu_name    # noqa: E402
 
 # The training flags of each row's command (README); evaluation flags change no epoch.
 ROWS = {
-    "A: MLP VAE (the default run's VAE)": ["--model", "vae"],
+    "A and D: MLP VAE 784-400-20 (the default run's VAE)": ["--model", "vae"],
     "A: MLP CVAE, latent 2 (the default run's CVAE)": ["--model", "cvae"],
     "B: conv VAE 32-64-128, 500 dense": ["--model", "vae", "--arch", "conv"],
     "C: conv VAE 32-64, 256 dense": ["--model", "vae", "--arch", "conv", "--conv-channels", "32,64", "--hidden-dim", "256"],
-    "D: MLP VAE 784-400-20": ["--model", "vae"],
     "E: MLP VAE 784-128-64, alpha 0.001": ["--model", "vae", "--hidden-dim", "128", "--latent-dim", "64", "--beta", "0.001"],
 }
-
-
-def cpu_name():
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def seconds_per_epoch(argv, train_set, batches, device):
     """Time `batches` steps of main.train_epoch (after 5 warm-up steps) and scale to one epoch."""
     cfg, _ = main.parse_args(argv + ["--max-batches", str(batches)])
-    kind = cfg.model
     torch.manual_seed(cfg.seed)
-    latent_dim = cfg.cvae_latent_dim if kind == "cvae" else cfg.latent_dim
-    net = models.build_model(kind, cfg.arch, latent_dim, cfg.hidden_dim, cfg.hidden_layers, cfg.activation,
-                             main.conv_channels(cfg)).to(device)
+    net = main.build_net(cfg.model, cfg, device)
     optimizer = main.make_optimizer(net, cfg.lr, cfg.adam_eps)
     generator = torch.Generator().manual_seed(cfg.seed)
     main.train_epoch(net, optimizer, *train_set, main.dataclasses.replace(cfg, max_batches=5), generator, 1)
@@ -64,7 +52,7 @@ def main_():
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = main.pick_device(args.device)
-    train_set, _ = data.load_mnist(main.Config().data_dir, device)
+    train_set, _ = data.load_mnist(main.data_path(main.Config().data_dir), device)
     train_set, _ = data.split_validation(train_set, main.Config().val_size)     # 50,000 images, as main.py
     print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, device {device}; "
           f"an epoch = {len(train_set[0])} images, batch 128")

@@ -41,11 +41,14 @@ def test_gz_with_wrong_content_is_refused(tmp_path, monkeypatch):
     assert not (data.raw_dir(root) / "train-images-idx3-ubyte").exists()     # no half-checked file left
 
 
-def test_damaged_gz_is_refused(tmp_path, monkeypatch):
+@pytest.mark.parametrize("damage", ["cut short", "corrupt deflate stream"])
+def test_damaged_gz_is_refused(tmp_path, monkeypatch, damage):
     root = make_tiny_mnist(tmp_path / "data")
     monkeypatch.setattr(data, "MNIST_MD5", gzip_raw_files(root))
-    gz = data.raw_dir(root) / "t10k-labels-idx1-ubyte.gz"
-    gz.write_bytes(gz.read_bytes()[:20])
+    gz = data.raw_dir(root) / "train-images-idx3-ubyte.gz"
+    raw = gz.read_bytes()
+    # a corrupt body makes zlib itself fail (zlib.error, which is not an OSError)
+    gz.write_bytes(raw[:20] if damage == "cut short" else raw[:10] + b"\xff" * 40 + raw[50:])
     with pytest.raises(data.DataError, match="not a readable gzip file"):
         data.prepare_mnist(root, download=False)
 

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -492,7 +493,23 @@ def test_the_default_data_dir_is_the_projects_from_any_working_directory(tmp_pat
     assert code == 0, err
     assert not (tmp_path / "data").exists()                      # no download into the working directory
     metrics = json.loads((only_run(tmp_path / "out") / "metrics.json").read_text())
-    assert metrics["config"]["data_dir"] == str(ROOT / "data")
-    # a --data-dir given on the command line is read as written, from the working directory
-    cfg = main.resolve_data_dir(main.Config(data_dir="data"), given={"data_dir"})
-    assert cfg.data_dir == "data"
+    assert metrics["config"]["data_dir"] == "data"       # as given: a moved run folder still finds its data
+    # the default names the project's data/; any other relative path is read from the working directory
+    assert main.data_path("data") == ROOT / "data"
+    assert main.data_path("elsewhere/data") == Path("elsewhere/data")
+
+
+def test_a_conv_run_from_before_the_channels_flag_resumes(tiny_mnist, tmp_path):
+    """Such a checkpoint stores neither conv_channels nor a hidden_dim other than 0 (which then meant
+    256): --resume must continue the 32-64 model it holds, not build today's default conv model."""
+    train_tiny(tiny_mnist, tmp_path / "out", "--arch", "conv", "--conv-channels", "32,64", "--hidden-dim", 256,
+               "--epochs", 1)
+    path = only_run(tmp_path / "out") / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["model_args"]["conv_channels"], ckpt["config"]["conv_channels"]
+    ckpt["config"]["hidden_dim"] = 0
+    torch.save(ckpt, path)
+    main.main(["--resume", str(path), "--epochs", "2"])
+    resumed = torch.load(path, weights_only=True)
+    assert resumed["epoch"] == 2 and resumed["model_args"]["conv_channels"] == [32, 64]
+    assert resumed["config"]["conv_channels"] == "32,64" and resumed["config"]["hidden_dim"] == 256
