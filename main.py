@@ -74,6 +74,11 @@ class Config:
     max_batches: int = field(default=0, metadata={"help": "stop each epoch after this many batches (smoke runs); 0 = all"})
     eval: str = field(default="", metadata={"help": "path to a checkpoint (.pt): evaluate and draw it, no training"})
     resume: str = field(default="", metadata={"help": "path to a run's checkpoint.pt: continue that run where it stopped"})
+    # two uses of a trained VAE (README, Results)
+    one_class: str = field(default="", metadata={"help": "anomaly detection (anomaly.py): 'all' or digits like 3,8: a VAE "
+                                                "per digit, trained on that digit's training images only"})
+    impute: str = field(default="", metadata={"help": "path to a binarized VAE's checkpoint: fill in hidden quadrants of "
+                                             "the test digits and score them (imputation.py)"})
 
 
 CHOICES = {"model": ["vae", "cvae", "both"], "arch": ["mlp", "conv"], "device": ["auto", "cpu", "cuda"],
@@ -624,6 +629,9 @@ def evaluate_checkpoint(cfg, given, net, ckpt):
 def run(cfg, given=frozenset()):
     check_config(cfg)
     device = pick_device(cfg.device)
+    if cfg.one_class or cfg.impute:              # imported here: both modules import this one
+        import anomaly, imputation
+        return [anomaly.run(cfg, device) if cfg.one_class else imputation.run(cfg, device)]
     if cfg.eval:
         net, ckpt = read_checkpoint(cfg.eval, device)      # refuse a bad checkpoint before loading data
         return [evaluate_checkpoint(cfg, given, net, ckpt)]
@@ -686,5 +694,6 @@ def stop_on_sigterm():
 
 
 if __name__ == "__main__":
+    sys.modules["main"] = sys.modules[__name__]   # `import main` elsewhere gets this module, its UsageError
     stop_on_sigterm()
     main()
