@@ -15,7 +15,7 @@ sum over pixels, and both terms are importance-sampling estimates [IWAE §3]:
   log p(x)   with z ~ q(z|x), K samples (losses.iw_log_px);
   log p(x_o) with z ~ a mixture of M Gaussians q(z|x_o, x̂_h^m), where x̂_h^1..x̂_h^M are
              completions drawn by M short chains (z ~ q(z|x̂), x̂_h ~ p(x_h|z), as Rezende et al.
-             2014, §5.3); K samples, K/M from each component, weighted by the whole mixture's
+             2014, arXiv:1401.4082); K samples, K/M from each component, weighted by the whole mixture's
              density (multiple importance sampling with the balance heuristic).
 Each estimate is, in expectation, a lower bound on its log-probability that tightens as K grows;
 their difference is neither an upper nor a lower bound on log p(x_h|x_o), only consistent as
@@ -38,8 +38,8 @@ import main
 import models
 from viz import DPI, draw_grid, grid_size, save_figure
 
-N_CHAINS = 5            # M: completions per image, one mixture component each
-CHAIN_STEPS = 5         # steps of each completion chain
+N_CHAINS = 20           # M: completions per image, one mixture component each
+CHAIN_STEPS = 50        # steps of each completion chain
 BATCH = 500             # test images per pass
 # Pyro's CVAE tutorial, negative conditional log-likelihood of the hidden pixels (nats), for 1, 2, 3
 # given quadrants: its NN baseline (masked BCE) and its CVAE (the −ELBO of Trace_ELBO, grey pixels)
@@ -69,7 +69,7 @@ def completion_chains(x, hidden, encode, decode, n_chains=N_CHAINS, steps=CHAIN_
 
     Each chain starts with the hidden pixels at 0 and repeats: z ~ q(z|x̂), x̂_h ~ Bernoulli(σ(l(z))),
     the observed pixels held at x. A pseudo-Gibbs chain whose samples approximate p(x_h|x_o)
-    [Rezende, Mohamed & Wierstra 2014, arXiv:1401.4082, §5.3]. Random: seed outside.
+    [Rezende, Mohamed & Wierstra 2014, arXiv:1401.4082]. Random: seed outside.
     """
     x_rep = x.repeat(n_chains, *[1] * (x.dim() - 1))                   # (M * n, ...), chain-major
     x_hat = torch.where(hidden, torch.zeros_like(x_rep), x_rep)
@@ -94,6 +94,8 @@ def mixture_iw_log_px(x_flat, mu, logvar, decode, k, max_elements=2**20):
     With M = 1 and the encoder's q(z|x) this is losses.iw_log_px, draw for draw (a test checks).
     Stratified sampling (K/M per component) with the mixture density in the weight keeps
     E[(1/K) Σ_i w_i] = p(x) [Veach & Guibas 1995, the balance heuristic], so E[estimate] <= log p(x).
+    This needs K a multiple of M (the runs here: K = 1000 or 5000 and M = 20); otherwise the
+    first K mod M components get one sample more, a small bias that vanishes as K grows.
     """
     n_components, n, latent_dim = mu.shape
     std = torch.exp(0.5 * logvar)

@@ -1,6 +1,8 @@
 """One-class anomaly detection (anomaly.py): the rank-based AUROC against a count of pairs, the
 ROC curve against the AUROC, and --one-class end to end on tiny fake MNIST."""
 import json
+import math
+import zlib
 import subprocess
 import sys
 
@@ -91,3 +93,13 @@ def test_bad_one_class_input_gets_one_line_and_exit_code_2(tiny_mnist, tmp_path,
     err = capsys.readouterr().err
     assert exit.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_complexity_is_the_deflate_length_and_grows_with_the_ink():
+    blank, noisy = torch.zeros(1, 1, 28, 28), torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    x = torch.cat([blank, noisy.round()])
+    lengths = anomaly.complexity_nats(x)
+    expected = len(zlib.compress(np.packbits(x[1].flatten().numpy().astype(np.uint8)).tobytes(), 9))
+    assert lengths[1].item() == pytest.approx(8 * math.log(2) * expected)
+    assert lengths[0] < lengths[1]                 # a blank image compresses to less than noise
+    assert anomaly.complexity_nats(noisy).item() > lengths[1].item()     # grey bytes: longer still
