@@ -184,7 +184,8 @@ def completions_figure(net, x, y, seed, path, n_samples=6):
     each the decoder's pixel means σ(l(z)) at z ~ q(z|x_o, x̂_h^m), one chain m per column."""
     idx = torch.stack([torch.nonzero(y == d)[0, 0] for d in range(10) if (y == d).any()])
     width, height = grid_size(len(idx), n_samples + 2)
-    fig, axes = plt.subplots(1, 3, dpi=DPI, figsize=(3 * width + 1.2, height + 0.8))
+    fig, axes = plt.subplots(1, 3, dpi=DPI, figsize=(3 * width + 1.2, height + 0.8),
+                             gridspec_kw={"wspace": 0.06, "left": 0.01, "right": 0.99})
     for ax, q in zip(axes, (1, 2, 3)):
         hidden = hidden_mask(q).to(x.device)
         with models.seeded(x.device, seed):
