@@ -1,6 +1,6 @@
 """Anomaly detection on one-class MNIST with a VAE: Ruff et al. 2018's protocol (Table 1).
 
-    python main.py --one-class all --model vae --binarize dynamic --epochs 50 --val-size 0
+    python main.py --one-class all --model vae --binarize dynamic --epochs 20 --val-size 0
 
 For each digit d: train a VAE on the training images of d only, score all 10,000 test images,
 and call the other nine digits anomalies. Three scores, the higher the more anomalous:

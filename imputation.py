@@ -1,7 +1,7 @@
 """Imputation with an unconditional VAE: Sohn et al. 2015's MNIST quadrant task, scored by the
 conditional log-likelihood of the hidden pixels.
 
-    python main.py --impute checkpoints/vae-mlp-binarized.pt --iw-samples 100
+    python main.py --impute checkpoints/vae-mlp-binarized.pt --iw-samples 1000
 
 Given 1, 2 or 3 quadrants of a binarized test digit (x_o), the model fills in the rest (x_h).
 Pyro's CVAE tutorial (pyro.ai/examples/cvae.html, examples/cvae/mnist.py, MaskImages) gives
