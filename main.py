@@ -95,6 +95,11 @@ class Config:
                                                   "with the model given by --checkpoint"})
     checkpoint: str = field(default="", metadata={"help": "the VAE checkpoint --decompress decodes with (the one "
                                                   "--compress used)"})
+    # two uses of a trained VAE (README, Results)
+    one_class: str = field(default="", metadata={"help": "anomaly detection (anomaly.py): 'all' or digits like 3,8: a VAE "
+                                                "per digit, trained on that digit's training images only"})
+    impute: str = field(default="", metadata={"help": "path to a binarized VAE's checkpoint: fill in hidden quadrants of "
+                                             "the test digits and score them (imputation.py)"})
 
 
 CHOICES = {"model": ["vae", "cvae", "both"], "arch": ["mlp", "conv"],
@@ -762,10 +767,13 @@ def evaluate_checkpoint(cfg, given, net, ckpt):
 
 def run(cfg, given=frozenset()):
     check_config(cfg)
+    uses = dataclasses.replace(cfg, data_dir=str(data_path(cfg.data_dir)))    # what the uses below read
     if cfg.compress or cfg.decompress or cfg.checkpoint:     # lossless coding with a VAE: bbans.py
-        return [bbans.run(dataclasses.replace(cfg, data_dir=str(data_path(cfg.data_dir))), read_checkpoint,
-                          make_run_dir)]
+        return [bbans.run(uses, read_checkpoint, make_run_dir)]
     device = pick_device(cfg.device, cfg.precision)
+    if cfg.one_class or cfg.impute:              # imported here: both modules import this one
+        import anomaly, imputation
+        return [anomaly.run(uses, device) if cfg.one_class else imputation.run(uses, device)]
     if cfg.eval:
         net, ckpt = read_checkpoint(cfg.eval, device)      # refuse a bad checkpoint before loading data
         return [evaluate_checkpoint(cfg, given, net, ckpt)]
@@ -832,5 +840,6 @@ def stop_on_sigterm():
 
 
 if __name__ == "__main__":
+    sys.modules["main"] = sys.modules[__name__]   # `import main` elsewhere gets this module, its UsageError
     stop_on_sigterm()
     main()

@@ -1,0 +1,105 @@
+"""One-class anomaly detection (anomaly.py): the rank-based AUROC against a count of pairs, the
+ROC curve against the AUROC, and --one-class end to end on tiny fake MNIST."""
+import json
+import math
+import zlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+import anomaly
+import main
+
+
+def pair_count_auroc(scores, is_anomaly):
+    """P(anomaly scores higher) + ½ P(tie), by looking at every (anomaly, normal) pair."""
+    pos, neg = scores[is_anomaly], scores[~is_anomaly]
+    wins = (pos[:, None] > neg[None, :]).double().sum() + 0.5 * (pos[:, None] == neg[None, :]).double().sum()
+    return (wins / (len(pos) * len(neg))).item()
+
+
+@pytest.mark.parametrize("seed,n_values", [(0, 3), (1, 10), (2, 1000)])   # many ties ... almost none
+def test_auroc_is_the_pair_count_with_ties_counted_half(seed, n_values):
+    generator = torch.Generator().manual_seed(seed)
+    is_anomaly = torch.rand(300, generator=generator) < 0.3
+    scores = torch.randint(0, n_values, (300,), generator=generator).float() + is_anomaly.float()
+    assert anomaly.auroc(scores, is_anomaly) == pytest.approx(pair_count_auroc(scores, is_anomaly), abs=1e-12)
+
+
+def test_average_ranks_share_the_ranks_of_a_tie():
+    scores = torch.tensor([10.0, 20.0, 10.0, 5.0, 20.0, 20.0])
+    # 5 -> 1; the two 10s share ranks 2, 3; the three 20s share 4, 5, 6
+    assert anomaly.average_ranks(scores).tolist() == [2.5, 5.0, 2.5, 1.0, 5.0, 5.0, ]
+
+
+def test_auroc_extremes_and_bad_input():
+    is_anomaly = torch.tensor([False, False, True, True])
+    assert anomaly.auroc(torch.tensor([0.0, 1.0, 2.0, 3.0]), is_anomaly) == 1.0
+    assert anomaly.auroc(torch.tensor([3.0, 2.0, 1.0, 0.0]), is_anomaly) == 0.0
+    assert anomaly.auroc(torch.ones(4), is_anomaly) == 0.5           # all tied: chance
+    with pytest.raises(ValueError, match="anomalies and normal images"):
+        anomaly.auroc(torch.ones(4), torch.zeros(4, dtype=torch.bool))
+
+
+def test_the_area_under_the_drawn_roc_curve_is_the_auroc():
+    generator = torch.Generator().manual_seed(3)
+    is_anomaly = torch.rand(500, generator=generator) < 0.5
+    scores = torch.randn(500, generator=generator) + is_anomaly.float()            # no ties
+    fpr, tpr = anomaly.roc_curve(scores, is_anomaly)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+    assert np.trapezoid(tpr.numpy(), fpr.numpy()) == pytest.approx(anomaly.auroc(scores, is_anomaly), abs=1e-9)
+
+
+def test_digits_are_parsed_or_refused():
+    assert anomaly.parse_digits("all") == list(range(10))
+    assert anomaly.parse_digits("8,3,8") == [3, 8]
+    for bad in ("12", "a", "", "3,-1"):
+        with pytest.raises(main.UsageError, match="--one-class"):
+            anomaly.parse_digits(bad)
+
+
+def test_one_class_end_to_end_through_the_command_line(tiny_mnist, tmp_path):
+    out = tmp_path / "results"
+    result = subprocess.run([sys.executable, str(ROOT / "main.py"), "--one-class", "3,5", "--model", "vae",
+                             "--epochs", "2", "--batch-size", "16", "--latent-dim", "2", "--hidden-dim", "16",
+                             "--iw-samples", "3", "--binarize", "dynamic", "--data-dir", str(tiny_mnist),
+                             "--out-dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = out.iterdir()
+    assert {p.name for p in run_dir.iterdir()} == {"metrics.json", "roc.png", "digit3.pt", "digit5.pt"}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert sorted(metrics["per_digit"]) == ["3", "5"]
+    for row in metrics["per_digit"].values():
+        assert set(row["auroc"]) == set(anomaly.SCORES) and all(0 <= a <= 1 for a in row["auroc"].values())
+    for name in anomaly.SCORES:
+        mean = np.mean([row["auroc"][name] for row in metrics["per_digit"].values()])
+        assert metrics["mean_auroc"][name] == pytest.approx(mean)
+    net, ckpt = main.read_checkpoint(run_dir / "digit3.pt", torch.device("cpu"))
+    assert ckpt["config"]["one_class"] == "3,5" and ckpt["epoch"] == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--one-class", "12"], "--one-class '12'"),
+    (["--one-class", "3", "--model", "cvae"], "use --model vae"),
+])
+def test_bad_one_class_input_gets_one_line_and_exit_code_2(tiny_mnist, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit:
+        main.main([*args, "--data-dir", str(tiny_mnist), "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_complexity_is_the_deflate_length_and_grows_with_the_ink():
+    blank, noisy = torch.zeros(1, 1, 28, 28), torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    x = torch.cat([blank, noisy.round()])
+    lengths = anomaly.complexity_nats(x)
+    expected = len(zlib.compress(np.packbits(x[1].flatten().numpy().astype(np.uint8)).tobytes(), 9))
+    assert lengths[1].item() == pytest.approx(8 * math.log(2) * expected)
+    assert lengths[0] < lengths[1]                 # a blank image compresses to less than noise
+    assert anomaly.complexity_nats(noisy).item() > lengths[1].item()     # grey bytes: longer still
