@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from test_cli import main_in_process
 
 import bbans
 import main
@@ -33,17 +34,6 @@ def save(net, path, binarize="dynamic"):
                       model=models.model_args(net)["model"])
     main.save_checkpoint(net, None, cfg, 1, [], None, path)
     return path
-
-
-def run_main(capsys, *args):
-    """(exit code, stdout, stderr) of main.main(args), in this process."""
-    try:
-        main.main(list(map(str, args)))
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +113,7 @@ def test_test_set_is_the_one_main_loads_for_binarize_dynamic(tiny_mnist):
 
 def test_compress_then_decompress_through_the_command_line(tiny_mnist, tmp_path, capsys):
     ckpt = save(tiny_vae(), tmp_path / "vae.pt")
-    code, out, err = run_main(capsys, "--compress", ckpt, "--data-dir", tiny_mnist, "--out-dir", tmp_path / "out")
+    code, out, err = main_in_process(capsys, "--compress", ckpt, "--data-dir", tiny_mnist, "--out-dir", tmp_path / "out")
     assert code == 0, err
     run_dir = next((tmp_path / "out").glob("bbans-vae-mlp-*"))
     report = json.loads((run_dir / "metrics.json").read_text())
@@ -157,7 +147,7 @@ def test_decompress_file_returns_the_images(compressed):
 
 
 def refused(capsys, *args):
-    code, _, err = run_main(capsys, *args)
+    code, _, err = main_in_process(capsys, *args)
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     return err
 
