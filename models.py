@@ -70,7 +70,7 @@ def conv_layers(channels, activation, transposed=False):
     return layers[:-1] if transposed else layers
 
 
-def conv_encoder(hidden_dim, label_dim=0, hidden_layers=1, activation="relu", channels=(32, 64)):
+def conv_encoder(hidden_dim, label_dim=0, hidden_layers=1, activation="relu", channels=DEFAULT_CONV_CHANNELS):
     """x (n, 1 + label_dim, 28, 28) -> h (n, hidden_dim): the conv stack (28 -> 14 -> 7 -> ... 7),
     then dense layers. Source B's encoder: channels (32, 64, 128), one dense layer of 500."""
     return nn.Sequential(
@@ -79,7 +79,7 @@ def conv_encoder(hidden_dim, label_dim=0, hidden_layers=1, activation="relu", ch
     )
 
 
-def conv_decoder(in_dim, hidden_dim, hidden_layers=1, activation="relu", channels=(32, 64)):
+def conv_decoder(in_dim, hidden_dim, hidden_layers=1, activation="relu", channels=DEFAULT_CONV_CHANNELS):
     """z (n, in_dim) -> x_logits (n, 1, 28, 28): the encoder mirrored with transposed convolutions.
     The decoder runs K times per image in the K = 5000 likelihood estimate: with channels (32, 64)
     and 256 units, about 2.5 million multiply-adds per z; source B's (32, 64, 128) and 500, 13 million."""
@@ -106,8 +106,8 @@ def seeded(device, seed):
     """Random numbers on `device` start from `seed` inside; outside, the global random state is as
     it was, so seeded evaluation and pictures never shift the training run's random stream."""
     # on CUDA, MPS, XPU, ...: fork that device's stream too; on the CPU only the CPU's
-    accelerator = {"devices": [device], "device_type": device.type} if device.type != "cpu" else {"devices": []}
-    with torch.random.fork_rng(**accelerator):
+    forked = {"devices": [device], "device_type": device.type} if device.type != "cpu" else {"devices": []}
+    with torch.random.fork_rng(**forked):
         torch.manual_seed(seed)
         yield
 
