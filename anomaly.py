@@ -1,14 +1,16 @@
 """Anomaly detection on one-class MNIST with a VAE: Ruff et al. 2018's protocol (Table 1).
 
-    python main.py --one-class all --model vae --binarize dynamic --epochs 20 --val-size 0
+    python main.py --one-class all --model vae --epochs 20 --val-size 0
+    python anomaly.py results/anomaly-mlp-*/      # mean ± std over runs (seeds) of the command above
 
 For each digit d: train a VAE on the training images of d only, score all 10,000 test images,
 and call the other nine digits anomalies. Three scores, the higher the more anomalous:
   −ELBO         one z ~ q(z|x) per image                                          [AEVB Eq. 10]
-  −log p(x)     the k-sample importance-weighted estimate, k = --iw-samples     [IWAE §3]
   recon error   Σ_d (x_d − σ(l_d))², l = decoder logits at z = μ(x): no sampling, no KL
+  −log p(x)     the k-sample importance-weighted estimate, k = --iw-samples     [IWAE §3]
   −log p(x) − L(x)   the IW score less the image's DEFLATE-compressed length: Serrà et al. 2020's
                 input-complexity correction (complexity_nats)
+The last two need k >= 1: --iw-samples 0 skips them (the fast way to repeat the run over seeds).
 Each is summarised by the area under the ROC curve (AUROC), per digit and averaged.
 
 Ruff et al. 2018 = "Deep One-Class Classification", ICML 2018, Table 1 (AUROC %, MNIST).
@@ -17,8 +19,10 @@ class subset of the training set is only an index into its tensors.
 """
 import dataclasses
 import math
+import sys
 import time
 import zlib
+from pathlib import Path
 
 import matplotlib
 
@@ -33,7 +37,7 @@ import main
 import models
 from viz import DPI, save_figure
 
-SCORES = ("neg_elbo", "neg_log_px", "recon_error", "neg_log_px_minus_complexity")
+SCORES = ("neg_elbo", "recon_error", "neg_log_px", "neg_log_px_minus_complexity")   # the last two need k >= 1
 SCORE_NAMES = {"neg_elbo": "−ELBO", "neg_log_px": "−log p(x) (IW)", "recon_error": "squared error at z = μ",
                "neg_log_px_minus_complexity": "−log p(x) − L(x) (DEFLATE)"}
 # Ruff et al. 2018, Table 1: AUROC (%) of One-Class Deep SVDD per digit 0..9 and the means of the others
@@ -79,18 +83,20 @@ def roc_curve(scores, is_anomaly):
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def anomaly_scores(net, x, k, seed):
-    """{score name: (n,) tensor on the CPU} for the images x, in batches; seeded."""
+    """{score name: (n,) tensor on the CPU} for the images x, in batches; seeded. k = 0: no IW scores."""
     net.eval()
-    parts = {name: [] for name in SCORES[:3]}
+    parts = {name: [] for name in ("neg_elbo", "recon_error", "neg_log_px")[:3 if k else 2]}
     with models.seeded(x.device, seed):
         for xb, _ in data.batches(x, x, data.EVAL_BATCH_SIZE):
             x_logits, mu, logvar = net(xb)
             parts["neg_elbo"].append(-losses.elbo(xb, x_logits, mu, logvar)[0])
-            parts["neg_log_px"].append(-losses.iw_log_px(xb, net.encode, net.decode, k))
             x_mean = torch.sigmoid(net.decode(mu))                  # E[x|z = μ(x)]
             parts["recon_error"].append((xb - x_mean).pow(2).flatten(1).sum(1))
+            if k:
+                parts["neg_log_px"].append(-losses.iw_log_px(xb, net.encode, net.decode, k))
     scores = {name: torch.cat(p).cpu() for name, p in parts.items()}
-    scores["neg_log_px_minus_complexity"] = scores["neg_log_px"] - complexity_nats(x)
+    if k:
+        scores["neg_log_px_minus_complexity"] = scores["neg_log_px"] - complexity_nats(x)
     return scores
 
 
@@ -172,7 +178,7 @@ def one_digit(d, x_d, x_test, y_test, cfg, device, run_dir):
     seconds = time.perf_counter() - start
     main.save_checkpoint(net, None, dataclasses.replace(cfg, model="vae"), cfg.epochs, history, None,
                          run_dir / f"digit{d}.pt")
-    scores = anomaly_scores(net, x_test, cfg.iw_samples or 1, cfg.seed)
+    scores = anomaly_scores(net, x_test, cfg.iw_samples, cfg.seed)
     is_anomaly = (y_test != d).cpu()
     aurocs = {name: auroc(s, is_anomaly) for name, s in scores.items()}
     print(f"digit {d}: {len(x_d)} training images, {seconds:.0f} s; AUROC % "
@@ -183,16 +189,22 @@ def one_digit(d, x_d, x_test, y_test, cfg, device, run_dir):
 
 def write_results(cfg, results, run_dir):
     per_digit = {d: {k: v for k, v in r.items() if k not in ("scores", "is_anomaly")} for d, r in results.items()}
-    means = {name: sum(r["auroc"][name] for r in results.values()) / len(results) for name in SCORES}
-    main.save_json({"config": dataclasses.asdict(cfg), "iw_samples": cfg.iw_samples or 1, "per_digit": per_digit,
+    means = {name: sum(r["auroc"][name] for r in results.values()) / len(results) for name in computed(results)}
+    main.save_json({"config": dataclasses.asdict(cfg), "iw_samples": cfg.iw_samples, "per_digit": per_digit,
                     "mean_auroc": means, "deep_svdd_per_digit": DEEP_SVDD, "anchor_means": ANCHOR_MEANS},
                    run_dir / "metrics.json")
 
 
+def computed(results):
+    """The score names a run computed, in SCORES order (no IW scores when --iw-samples is 0)."""
+    return [name for name in SCORES if name in next(iter(results.values()))["auroc"]]
+
+
 def roc_figure(results, cfg, path):
     """One panel per score: the ROC curve of every digit's model, its AUROC in the legend."""
-    fig, axes = plt.subplots(1, len(SCORES), figsize=(3.9 * len(SCORES), 4.3), dpi=DPI, sharey=True)
-    for ax, name in zip(axes, SCORES):
+    names = computed(results)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.9 * len(names), 4.3), dpi=DPI, sharey=True)
+    for ax, name in zip(axes, names):
         mean = sum(r["auroc"][name] for r in results.values()) / len(results)
         for d, r in results.items():
             fpr, tpr = roc_curve(r["scores"][name], r["is_anomaly"])
@@ -206,3 +218,52 @@ def roc_figure(results, cfg, path):
     fig.suptitle(f"One-class MNIST: a VAE ({cfg.arch}) per digit, {cfg.epochs} epochs, binarize "
                  f"{cfg.binarize}; anomalies = the 9 other digits of the test set", fontsize=10, y=1.03)
     save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several runs (seeds) of the same command: mean ± standard deviation, as Ruff et al. report
+# ---------------------------------------------------------------------------------------------
+def summarize(run_dirs):
+    """{score: {digit or 'mean': (mean, std) of the AUROC % over the runs}} and the runs' seeds.
+
+    The runs must differ in their seed only: the same digits, scores and every other setting.
+    """
+    runs = [read_run(r) for r in run_dirs]
+    settings = [{k: v for k, v in run["config"].items() if k not in ("seed", "out_dir")} for run in runs]
+    if any(s != settings[0] for s in settings) or any(run["per_digit"].keys() != runs[0]["per_digit"].keys()
+                                                       for run in runs):
+        raise main.UsageError("these runs differ in more than their --seed: summarize runs of one command")
+    table = {}
+    for name in runs[0]["mean_auroc"]:
+        aurocs = {d: [100 * run["per_digit"][d]["auroc"][name] for run in runs] for d in runs[0]["per_digit"]}
+        aurocs["mean"] = [100 * run["mean_auroc"][name] for run in runs]
+        table[name] = {d: (float(np.mean(a)), float(np.std(a, ddof=1)) if len(a) > 1 else 0.0) for d, a in aurocs.items()}
+    return table, [run["config"]["seed"] for run in runs]
+
+
+def read_run(run_dir):
+    """The metrics.json of a --one-class run folder, or a UsageError."""
+    run = main.read_json(Path(run_dir) / "metrics.json")
+    if not run.get("per_digit") or not run.get("mean_auroc"):
+        raise main.UsageError(f"{run_dir}: no metrics.json of a --one-class run there (main.py --one-class writes one)")
+    return run
+
+
+def print_summary(table, seeds):
+    """The summary as a Markdown table, one column per score, Deep SVDD's per-digit numbers beside."""
+    names = list(table)
+    print(f"AUROC %, mean ± std over {len(seeds)} runs (seeds {', '.join(map(str, seeds))})\n")
+    print("| normal digit | One-class Deep SVDD | " + " | ".join(f"VAE {SCORE_NAMES[n]}" for n in names) + " |")
+    print("| --- " * (len(names) + 2) + "|")
+    for d in table[names[0]]:
+        anchor = DEEP_SVDD[int(d)] if d != "mean" else ANCHOR_MEANS["One-class Deep SVDD"]
+        print(f"| {d} | {anchor} | " + " | ".join("{:.1f} ± {:.1f}".format(*table[n][d]) for n in names) + " |")
+
+
+if __name__ == "__main__":
+    try:
+        if len(sys.argv) < 2:
+            raise main.UsageError("give the run folders of --one-class runs: python anomaly.py results/anomaly-mlp-*/")
+        print_summary(*summarize(sys.argv[1:]))
+    except main.UsageError as e:
+        main.fail(str(e))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from test_cli import main_in_process
 
 import anomaly
 import main
@@ -81,6 +82,36 @@ def test_one_class_end_to_end_through_the_command_line(tiny_mnist, tmp_path):
         assert metrics["mean_auroc"][name] == pytest.approx(mean)
     net, ckpt = main.read_checkpoint(run_dir / "digit3.pt", torch.device("cpu"))
     assert ckpt["config"]["one_class"] == "3,5" and ckpt["epoch"] == 2
+
+
+def test_runs_over_seeds_are_summarized_as_mean_and_std(tiny_mnist, tmp_path, capsys):
+    """--iw-samples 0 skips the IW scores; anomaly.summarize averages runs that differ in the seed only."""
+    common = ["--one-class", "3,5", "--model", "vae", "--epochs", "1", "--batch-size", "16", "--latent-dim", "2",
+              "--hidden-dim", "16", "--iw-samples", "0", "--data-dir", tiny_mnist]
+    for seed in (1, 2):
+        code, _, err = main_in_process(capsys, *common, "--seed", seed, "--out-dir", tmp_path / f"s{seed}")
+        assert code == 0, err
+    runs = [next((tmp_path / f"s{seed}").iterdir()) for seed in (1, 2)]
+    metrics = [json.loads((r / "metrics.json").read_text()) for r in runs]
+    assert set(metrics[0]["mean_auroc"]) == {"neg_elbo", "recon_error"}          # no IW scores with K = 0
+    assert (runs[0] / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    table, seeds = anomaly.summarize(runs)
+    assert seeds == [1, 2] and set(table) == {"neg_elbo", "recon_error"}
+    for name in table:
+        for d in ("3", "5"):
+            a = [100 * m["per_digit"][d]["auroc"][name] for m in metrics]
+            assert table[name][d] == pytest.approx((np.mean(a), np.std(a, ddof=1)))
+        assert table[name]["mean"][0] == pytest.approx(np.mean([100 * m["mean_auroc"][name] for m in metrics]))
+    anomaly.print_summary(table, seeds)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("AUROC %, mean ± std over 2 runs (seeds 1, 2)")
+    assert lines[-1] == "| mean | 94.8 | " + " | ".join(
+        "{:.1f} ± {:.1f}".format(*table[name]["mean"]) for name in ("neg_elbo", "recon_error")) + " |"
+    code, _, err = main_in_process(capsys, *common, "--epochs", "2", "--out-dir", tmp_path / "e2")
+    with pytest.raises(main.UsageError, match="differ in more than their --seed"):
+        anomaly.summarize([runs[0], next((tmp_path / "e2").iterdir())])
+    with pytest.raises(main.UsageError, match="no metrics.json of a --one-class run"):
+        anomaly.summarize([tmp_path])
 
 
 @pytest.mark.parametrize("args,message", [
