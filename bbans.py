@@ -238,16 +238,6 @@ def decompress_file(path, net):
 # ------------------------------------------------------------------------------------------------
 # What the rate is compared with: the model's -ELBO, and general-purpose compressors
 # ------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def neg_elbo_nats(net, x, seed):
-    """The test -ELBO in nats per image, as main.evaluate computes it (one z per image, seeded)."""
-    net.eval()
-    with models.seeded(x.device, seed):
-        total = sum(-losses.elbo(xb, *net(xb))[0].sum().item() for xb, _ in
-                    data.batches(x, x, data.EVAL_BATCH_SIZE))
-    return total / len(x)
-
-
 def png_bytes(image):
     """Bytes of a 1-bit PNG of a (h, w) array of {0, 1} (PIL, zlib level 9: smaller here than optimize)."""
     buffer = io.BytesIO()
@@ -281,23 +271,8 @@ def cpu_name():
 
 # ------------------------------------------------------------------------------------------------
 # The two commands: python main.py --compress CKPT  and  --decompress FILE --checkpoint CKPT
+# (main.compress_or_decompress reads the flags and the checkpoint and calls these)
 # ------------------------------------------------------------------------------------------------
-def run(cfg, read_checkpoint, make_run_dir):
-    """--compress or --decompress. main.py passes its own checkpoint reader and run-folder maker,
-    whose errors are main's UsageError."""
-    if cfg.compress and cfg.decompress or cfg.eval or cfg.resume:
-        raise CompressionError("--compress and --decompress go alone: one of them, without --eval or --resume")
-    if bool(cfg.decompress) != bool(cfg.checkpoint):
-        raise CompressionError("--decompress FILE needs --checkpoint CKPT (the model it was compressed with), "
-                               "and --checkpoint serves only --decompress")
-    path = cfg.compress or cfg.checkpoint
-    net, ckpt = read_checkpoint(path, torch.device("cpu"))
-    check_vae(path, ckpt)
-    if cfg.compress:
-        return compress_command(cfg, net, ckpt, make_run_dir)
-    return decompress_command(cfg, net, make_run_dir)
-
-
 def check_vae(path, ckpt):
     """Only a VAE trained on binary pixels defines a code for binary images: refuse the rest."""
     if ckpt["model_args"]["model"] != "vae":
@@ -315,13 +290,12 @@ def binarized_test_set(data_dir):
     return data.binarize_once(x_test, "test")
 
 
-def compress_command(cfg, net, ckpt, make_run_dir):
-    """Compress the binarized test set into RUN/test.bbans, decompress that file again (timed, and
-    compared bit for bit), and write every rate beside the -ELBO and the baselines to metrics.json."""
-    x_test = binarized_test_set(cfg.data_dir)
+def compress_command(checkpoint, net, x_test, neg_elbo_nats, run_dir):
+    """Compress the binarized test images x_test into run_dir/test.bbans, decompress that file again
+    (timed, and compared bit for bit), and write every rate beside the model's -ELBO (neg_elbo_nats,
+    nats per image) and the baselines to metrics.json."""
     x_bits = x_test.view(len(x_test), -1).numpy().astype(np.uint8)
-    run_dir = make_run_dir(cfg.out_dir, f"bbans-vae-{ckpt['model_args']['arch']}-{time.strftime('%Y%m%d-%H%M%S')}")
-    print(f"compressing {len(x_bits)} binarized test images with {cfg.compress}: writing {run_dir}")
+    print(f"compressing {len(x_bits)} binarized test images with {checkpoint}: writing {run_dir}")
     load = os.getloadavg()[0]
     start = time.perf_counter()
     words, lengths = encode(net, x_bits)
@@ -331,9 +305,8 @@ def compress_command(cfg, net, ckpt, make_run_dir):
     if not np.array_equal(decompress_file(run_dir / "test.bbans", net), x_bits):
         raise CompressionError("the decoded images differ from the originals")     # only by a hash collision
     seconds["decode_seconds"] = time.perf_counter() - start
-    report = {"checkpoint": str(cfg.compress), "n_images": len(x_bits), "bit_for_bit": True,
-              **rates(run_dir / "test.bbans", x_bits, lengths, net.latent_dim),
-              "neg_elbo_nats": neg_elbo_nats(net, x_test, (ckpt.get("config") or {}).get("seed", 1)),
+    report = {"checkpoint": str(checkpoint), "n_images": len(x_bits), "bit_for_bit": True,
+              **rates(run_dir / "test.bbans", x_bits, lengths, net.latent_dim), "neg_elbo_nats": neg_elbo_nats,
               **seconds, "cpu": cpu_name(), "load_average_1min": load, "torch_threads": 1,
               "torch": torch.__version__, "constriction": version("constriction"), "latent_bits": LATENT_BITS}
     report["neg_elbo_bits_per_dim"] = losses.bits_per_dim(report["neg_elbo_nats"])
@@ -354,14 +327,14 @@ def rates(path, x_bits, lengths, latent_dim):
             **{f"{part}_bits_per_dim": lengths[part] * per_dim for part in ("pixels", "prior", "bits_back")}}
 
 
-def decompress_command(cfg, net, make_run_dir):
-    """Decode --decompress with --checkpoint into RUN/decoded.npy: (n, 28, 28) uint8 in {0, 1}."""
-    run_dir = make_run_dir(cfg.out_dir, f"bbans-decompress-{time.strftime('%Y%m%d-%H%M%S')}")
+def decompress_command(compressed, checkpoint, net, run_dir):
+    """Decode the file compressed with the model net (read from checkpoint) into run_dir/decoded.npy:
+    (n, 28, 28) uint8 in {0, 1}."""
     start = time.perf_counter()
-    x_bits = decompress_file(cfg.decompress, net)
+    x_bits = decompress_file(compressed, net)
     seconds = time.perf_counter() - start
     np.save(run_dir / "decoded.npy", x_bits.reshape(-1, 28, 28))
-    report = {"compressed": str(cfg.decompress), "checkpoint": str(cfg.checkpoint), "n_images": len(x_bits),
+    report = {"compressed": str(compressed), "checkpoint": str(checkpoint), "n_images": len(x_bits),
               "decode_seconds": seconds, "cpu": cpu_name(), "images_hash_matches": True}
     (run_dir / "metrics.json").write_text(json.dumps(report, indent=2))
     print(f"decoded {len(x_bits)} images in {seconds:.1f} s ({cpu_name()}), matching the file's hash: {run_dir}")

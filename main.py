@@ -769,7 +769,7 @@ def run(cfg, given=frozenset()):
     check_config(cfg)
     uses = dataclasses.replace(cfg, data_dir=str(data_path(cfg.data_dir)))    # what the uses below read
     if cfg.compress or cfg.decompress or cfg.checkpoint:     # lossless coding with a VAE: bbans.py
-        return [bbans.run(uses, read_checkpoint, make_run_dir)]
+        return [compress_or_decompress(uses)]
     device = pick_device(cfg.device, cfg.precision)
     if cfg.one_class or cfg.impute:              # imported here: both modules import this one
         import anomaly, imputation
@@ -791,6 +791,26 @@ def run(cfg, given=frozenset()):
     sets = load_sets(cfg, device)
     kinds = ["vae", "cvae"] if cfg.model == "both" else [cfg.model]
     return [train(kind, cfg, device, sets) for kind in kinds]
+
+
+def compress_or_decompress(cfg):
+    """--compress CKPT, or --decompress FILE --checkpoint CKPT: bits-back coding (bbans.py), on the CPU."""
+    if cfg.compress and cfg.decompress or cfg.eval or cfg.resume:
+        raise UsageError("--compress and --decompress go alone: one of them, without --eval or --resume")
+    if bool(cfg.decompress) != bool(cfg.checkpoint):
+        raise UsageError("--decompress FILE needs --checkpoint CKPT (the model it was compressed with), "
+                         "and --checkpoint serves only --decompress")
+    path = cfg.compress or cfg.checkpoint
+    net, ckpt = read_checkpoint(path, torch.device("cpu"))
+    bbans.check_vae(path, ckpt)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if cfg.decompress:
+        return bbans.decompress_command(cfg.decompress, path, net, make_run_dir(cfg.out_dir, f"bbans-decompress-{stamp}"))
+    x_test = bbans.binarized_test_set(cfg.data_dir)
+    neg_elbo = evaluate(net, x_test, torch.zeros(len(x_test), dtype=torch.long),
+                        (ckpt.get("config") or {}).get("seed", 1))
+    run_dir = make_run_dir(cfg.out_dir, f"bbans-vae-{ckpt['model_args']['arch']}-{stamp}")
+    return bbans.compress_command(path, net, x_test, neg_elbo["test_neg_elbo"], run_dir)
 
 
 def check_resume(cfg, ckpt):
