@@ -401,7 +401,12 @@ def elbo_per_image(net, x, y, seed, max_batches=0):
 
 def evaluate(net, x, y, seed, max_batches=0, prefix="test"):
     """−ELBO and its two terms, nats per image, on (x, y); z sampled once per image, seeded."""
-    elbo, log_px, kl = elbo_per_image(net, x, y, seed, max_batches).mean(dim=1).tolist()
+    return mean_terms(elbo_per_image(net, x, y, seed, max_batches), prefix)
+
+
+def mean_terms(terms, prefix="test"):
+    """{prefix_neg_elbo, prefix_recon, prefix_kl}: the means of elbo_per_image's (3, n) terms."""
+    elbo, log_px, kl = terms.mean(dim=1).tolist()
     return {f"{prefix}_neg_elbo": -elbo, f"{prefix}_recon": -log_px, f"{prefix}_kl": kl}
 
 
@@ -506,9 +511,12 @@ def latent_diagnostics(net, x, y, max_batches=0):
 
 
 def final_report(net, cfg, epoch, sets, judge):
-    """Test −ELBO, NLL (nats and bits/dim), diagnostics and, for the CVAE, sample accuracy."""
+    """(report, per-image test −ELBO): the test −ELBO, NLL (nats and bits/dim), diagnostics and, for
+    the CVAE, sample accuracy; the −ELBO of every test image, which the gallery's anomaly pictures show."""
     _, _, (x_test, y_test) = sets
-    report = {"epoch": epoch, **evaluate(net, x_test, y_test, cfg.seed, cfg.max_batches)}
+    terms = elbo_per_image(net, x_test, y_test, cfg.seed)              # (3, n), every test image
+    # the report honours --max-batches: the first batches' terms are the same draws evaluate() makes
+    report = {"epoch": epoch, **mean_terms(terms[:, :cfg.max_batches * EVAL_BATCH_SIZE or None])}
     if cfg.iw_samples:
         nll = test_nll(net, x_test, y_test, cfg.iw_samples, cfg.seed, cfg.max_batches)
         report.update(iw_samples=cfg.iw_samples, test_nll=nll, test_bits_per_dim=losses.bits_per_dim(nll))
@@ -524,7 +532,7 @@ def final_report(net, cfg, epoch, sets, judge):
         print(f"samples labelled as the digit asked for: {100 * accuracy['overall']:.1f}% (per digit "
               f"{' '.join(f'{100 * a:.0f}' for a in accuracy['per_digit'])}; judge's test accuracy "
               f"{100 * judge_accuracy:.2f}%)")
-    return report
+    return report, -terms[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -540,8 +548,9 @@ def load_sets(cfg, device):
     return train_set, val_set, test_set
 
 
-def draw(net, test, history, report, run_dir, seed):
-    """Every picture of the model into run_dir: grids, the gallery of viz.py, the KL per dimension."""
+def draw(net, test, history, report, neg_elbo, run_dir, seed):
+    """Every picture of the model into run_dir: grids, the gallery of viz.py, the KL per dimension.
+    neg_elbo: each test image's −ELBO (final_report's), the gallery's anomaly scores."""
     x_test, y_test = test
     net.eval()
     viz.reconstruction_grid(net, x_test, y_test, run_dir / "reconstructions.png")
@@ -550,8 +559,7 @@ def draw(net, test, history, report, run_dir, seed):
     if isinstance(net, models.CVAE):
         viz.samples_by_class(net, run_dir / "samples_by_class.png", seed=seed)
     # the KL per dimension of the report orders the traversals and draws kl_per_dim.png: one computation
-    scores = -elbo_per_image(net, x_test, y_test, seed)[0]
-    viz.gallery(net, x_test, y_test, history, run_dir, seed, report["kl_per_dim"], scores)
+    viz.gallery(net, x_test, y_test, history, run_dir, seed, report["kl_per_dim"], neg_elbo)
     viz.kl_bars(report["kl_per_dim"], report["unit_variance"], run_dir / "kl_per_dim.png", viz.model_title(net))
 
 
@@ -740,9 +748,9 @@ def finish(net, kind, cfg, run_cfg, history, sets, run_dir):
         net.load_state_dict(best.state_dict())
         epoch = ckpt["epoch"]
     judge = load_classifier(cfg.data_dir, device, cfg.seed) if kind == "cvae" and not cfg.max_batches else None
-    report = final_report(net, cfg, epoch, sets, judge)     # a smoke run's data would make a poor judge
+    report, neg_elbo = final_report(net, cfg, epoch, sets, judge)     # a smoke run's data: a poor judge
     write_metrics(run_dir, run_cfg, net, history, final=report)
-    draw(net, sets[2], history, report, run_dir, cfg.seed)
+    draw(net, sets[2], history, report, neg_elbo, run_dir, cfg.seed)
 
 
 def evaluate_checkpoint(cfg, given, net, ckpt):
@@ -755,13 +763,13 @@ def evaluate_checkpoint(cfg, given, net, ckpt):
     run_dir = make_run_dir(cfg.out_dir, f"eval-{args['model']}-{args['arch']}-{time.strftime('%Y%m%d-%H%M%S')}")
     print(f"{cfg.eval} (epoch {ckpt.get('epoch')}): writing {run_dir}")
     judge = load_classifier(run_cfg.data_dir, device, run_cfg.seed) if args["model"] == "cvae" else None
-    report = final_report(net, run_cfg, ckpt.get("epoch"), sets, judge)
+    report, neg_elbo = final_report(net, run_cfg, ckpt.get("epoch"), sets, judge)
     # "config": the settings this evaluation used (its --seed, --max-batches: a partial evaluation
     # says so); "trained_config": the checkpoint's own, as it was trained
     save_json({"checkpoint": str(cfg.eval), "config": dataclasses.asdict(run_cfg),
                "trained_config": ckpt.get("config"), "model_args": args, "eval": report,
                "epochs": ckpt.get("history", [])}, run_dir / "metrics.json")
-    draw(net, sets[2], ckpt.get("history"), report, run_dir, run_cfg.seed)
+    draw(net, sets[2], ckpt.get("history"), report, neg_elbo, run_dir, run_cfg.seed)
     return run_dir
 
 

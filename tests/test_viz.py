@@ -155,6 +155,20 @@ def test_loss_curves_with_and_without_the_train_terms(tmp_path):
     assert "p(x|y, z)" in cvae["recon"] and "q(z|x, y)" in cvae["kl"]
 
 
+def test_the_final_report_honours_max_batches_and_hands_the_gallery_every_image(monkeypatch):
+    """final_report computes each test image's −ELBO once: the report's mean over the first
+    --max-batches batches is evaluate()'s, and the gallery's scores cover the whole test set."""
+    monkeypatch.setattr(main, "EVAL_BATCH_SIZE", 16)
+    net = small_model("vae", "mlp", latent_dim=3)
+    x, y = fake_test_set()                                                   # 64 images: 4 batches of 16
+    cfg = main.Config(model="vae", iw_samples=0, max_batches=2, seed=3)
+    report, neg_elbo = main.final_report(net, cfg, 1, (None, None, (x, y)), None)
+    assert neg_elbo.shape == (64,)
+    assert report["test_neg_elbo"] == pytest.approx(main.evaluate(net, x, y, 3, max_batches=2)["test_neg_elbo"], rel=1e-6)
+    assert report["test_neg_elbo"] == pytest.approx(neg_elbo[:32].mean().item(), rel=1e-6)
+    assert neg_elbo.mean().item() == pytest.approx(main.evaluate(net, x, y, 3)["test_neg_elbo"], rel=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["vae", "cvae"])
 def test_anomaly_scores_average_to_the_test_neg_elbo_main_reports(kind):
     net = small_model(kind, "mlp", latent_dim=3)
