@@ -90,7 +90,7 @@ def fit_components(x_obs, mu, logvar, decode_obs, steps=FIT_STEPS, lr=FIT_LR):
 
     one reparameterized z per component and step; only (μ_m, log σ_m²) move, not the network.
     The encoder's q is amortized and never saw a completion chain's guesses; a per-image fit
-    closes that gap (the refinement of Krishnan, Liang & Hoffman, AISTATS 2018). Each component
+    closes that gap (the refinement of Krishnan, Liang & Hoffman 2018, arXiv:1710.06085). Each component
     climbs to a mode of p(z|x_o) near its chain's guess, so the mixture keeps the chains' spread.
     x_obs (n, d) observed pixels; mu, logvar (M, n, L); decode_obs(z) -> (., d) logits.
     """
