@@ -4,7 +4,7 @@
     python anomaly.py results/anomaly-mlp-*/      # mean ± std over runs (seeds) of the command above
 
 For each digit d: train a VAE on the training images of d only, score all 10,000 test images,
-and call the other nine digits anomalies. Three scores, the higher the more anomalous:
+and call the other nine digits anomalies. Four scores, the higher the more anomalous:
   −ELBO         one z ~ q(z|x) per image                                          [AEVB Eq. 10]
   recon error   Σ_d (x_d − σ(l_d))², l = decoder logits at z = μ(x): no sampling, no KL
   −log p(x)     the k-sample importance-weighted estimate, k = --iw-samples     [IWAE §3]
@@ -226,25 +226,30 @@ def roc_figure(results, cfg, path):
 def summarize(run_dirs):
     """{score: {digit or 'mean': (mean, std) of the AUROC % over the runs}} and the runs' seeds.
 
-    The runs must differ in their seed only: the same digits, scores and every other setting.
+    The runs must differ in their seed only: the same digits, scores and every other setting, and
+    two or more distinct seeds (a repeated seed would shrink the spread without measuring anything).
     """
     runs = [read_run(r) for r in run_dirs]
     settings = [{k: v for k, v in run["config"].items() if k not in ("seed", "out_dir")} for run in runs]
     if any(s != settings[0] for s in settings) or any(run["per_digit"].keys() != runs[0]["per_digit"].keys()
                                                        for run in runs):
         raise main.UsageError("these runs differ in more than their --seed: summarize runs of one command")
+    seeds = [run["config"]["seed"] for run in runs]
+    if len(set(seeds)) != len(seeds) or len(seeds) < 2:
+        raise main.UsageError(f"give two or more runs with distinct seeds, got seeds {seeds}: "
+                              f"a mean ± std needs independent runs")
     table = {}
     for name in runs[0]["mean_auroc"]:
         aurocs = {d: [100 * run["per_digit"][d]["auroc"][name] for run in runs] for d in runs[0]["per_digit"]}
         aurocs["mean"] = [100 * run["mean_auroc"][name] for run in runs]
-        table[name] = {d: (float(np.mean(a)), float(np.std(a, ddof=1)) if len(a) > 1 else 0.0) for d, a in aurocs.items()}
-    return table, [run["config"]["seed"] for run in runs]
+        table[name] = {d: (float(np.mean(a)), float(np.std(a, ddof=1))) for d, a in aurocs.items()}
+    return table, seeds
 
 
 def read_run(run_dir):
     """The metrics.json of a --one-class run folder, or a UsageError."""
     run = main.read_json(Path(run_dir) / "metrics.json")
-    if not run.get("per_digit") or not run.get("mean_auroc"):
+    if not isinstance(run, dict) or not run.get("per_digit") or not run.get("mean_auroc"):
         raise main.UsageError(f"{run_dir}: no metrics.json of a --one-class run there (main.py --one-class writes one)")
     return run
 
@@ -255,8 +260,9 @@ def print_summary(table, seeds):
     print(f"AUROC %, mean ± std over {len(seeds)} runs (seeds {', '.join(map(str, seeds))})\n")
     print("| normal digit | One-class Deep SVDD | " + " | ".join(f"VAE {SCORE_NAMES[n]}" for n in names) + " |")
     print("| --- " * (len(names) + 2) + "|")
-    for d in table[names[0]]:
-        anchor = DEEP_SVDD[int(d)] if d != "mean" else ANCHOR_MEANS["One-class Deep SVDD"]
+    digits = [int(d) for d in table[names[0]] if d != "mean"]
+    for d in table[names[0]]:      # the mean row: Deep SVDD's mean over the same digits
+        anchor = DEEP_SVDD[int(d)] if d != "mean" else round(sum(DEEP_SVDD[i] for i in digits) / len(digits), 1)
         print(f"| {d} | {anchor} | " + " | ".join("{:.1f} ± {:.1f}".format(*table[n][d]) for n in names) + " |")
 
 
