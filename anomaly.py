@@ -266,10 +266,15 @@ def print_summary(table, seeds):
         print(f"| {d} | {anchor} | " + " | ".join("{:.1f} ± {:.1f}".format(*table[n][d]) for n in names) + " |")
 
 
-if __name__ == "__main__":
+def cli(run_dirs):
+    """python anomaly.py RUN_DIR...: the summary, or one line and exit code 2."""
     try:
-        if len(sys.argv) < 2:
+        if not run_dirs:
             raise main.UsageError("give the run folders of --one-class runs: python anomaly.py results/anomaly-mlp-*/")
-        print_summary(*summarize(sys.argv[1:]))
+        print_summary(*summarize(run_dirs))
     except main.UsageError as e:
         main.fail(str(e))
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

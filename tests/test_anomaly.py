@@ -102,11 +102,10 @@ def test_runs_over_seeds_are_summarized_as_mean_and_std(tiny_mnist, tmp_path, ca
             a = [100 * m["per_digit"][d]["auroc"][name] for m in metrics]
             assert table[name][d] == pytest.approx((np.mean(a), np.std(a, ddof=1)))
         assert table[name]["mean"][0] == pytest.approx(np.mean([100 * m["mean_auroc"][name] for m in metrics]))
-    # the command line: the table, Deep SVDD's mean over the same digits (3, 5: 91.9 and 88.5)
-    result = subprocess.run([sys.executable, str(ROOT / "anomaly.py"), *map(str, runs)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    lines = result.stdout.splitlines()
-    assert result.returncode == 0 and lines[0].startswith("AUROC %, mean ± std over 2 runs (seeds 1, 2)")
+    # python anomaly.py RUN...: the table, Deep SVDD's mean over the same digits (3, 5: 91.9 and 88.5)
+    anomaly.cli(runs)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("AUROC %, mean ± std over 2 runs (seeds 1, 2)")
     assert lines[-1] == "| mean | 90.2 | " + " | ".join(
         "{:.1f} ± {:.1f}".format(*table[name]["mean"]) for name in ("neg_elbo", "recon_error")) + " |"
     code, _, err = main_in_process(capsys, *common, "--epochs", "2", "--out-dir", tmp_path / "e2")
@@ -120,10 +119,13 @@ def test_runs_over_seeds_are_summarized_as_mean_and_std(tiny_mnist, tmp_path, ca
     (tmp_path / "list").mkdir()
     (tmp_path / "list" / "metrics.json").write_text("[1, 2]")
     for folder in (tmp_path, tmp_path / "list"):
-        result = subprocess.run([sys.executable, str(ROOT / "anomaly.py"), str(folder)], cwd=ROOT,
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        with pytest.raises(SystemExit) as exit:
+            anomaly.cli([folder])
+        assert exit.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
             f"error: {folder}: no metrics.json of a --one-class run there (main.py --one-class writes one)"]
+    with pytest.raises(SystemExit) as exit:
+        anomaly.cli([])
+    assert exit.value.code == 2 and "give the run folders" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,message", [
