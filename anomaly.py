@@ -189,9 +189,8 @@ def one_digit(d, x_d, x_test, y_test, cfg, device, run_dir):
 
 def write_results(cfg, results, run_dir):
     per_digit = {d: {k: v for k, v in r.items() if k not in ("scores", "is_anomaly")} for d, r in results.items()}
-    means = {name: sum(r["auroc"][name] for r in results.values()) / len(results) for name in computed(results)}
     main.save_json({"config": dataclasses.asdict(cfg), "iw_samples": cfg.iw_samples, "per_digit": per_digit,
-                    "mean_auroc": means, "deep_svdd_per_digit": DEEP_SVDD, "anchor_means": ANCHOR_MEANS},
+                    "mean_auroc": mean_aurocs(results), "deep_svdd_per_digit": DEEP_SVDD, "anchor_means": ANCHOR_MEANS},
                    run_dir / "metrics.json")
 
 
@@ -200,12 +199,16 @@ def computed(results):
     return [name for name in SCORES if name in next(iter(results.values()))["auroc"]]
 
 
+def mean_aurocs(results):
+    """{score name: the AUROC averaged over the digits run}."""
+    return {name: sum(r["auroc"][name] for r in results.values()) / len(results) for name in computed(results)}
+
+
 def roc_figure(results, cfg, path):
     """One panel per score: the ROC curve of every digit's model, its AUROC in the legend."""
-    names = computed(results)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.9 * len(names), 4.3), dpi=DPI, sharey=True)
-    for ax, name in zip(axes, names):
-        mean = sum(r["auroc"][name] for r in results.values()) / len(results)
+    means = mean_aurocs(results)
+    fig, axes = plt.subplots(1, len(means), figsize=(3.9 * len(means), 4.3), dpi=DPI, sharey=True)
+    for ax, (name, mean) in zip(axes, means.items()):
         for d, r in results.items():
             fpr, tpr = roc_curve(r["scores"][name], r["is_anomaly"])
             ax.plot(fpr.numpy(), tpr.numpy(), color=plt.cm.tab10(d), lw=1.2, label=f"{d}: {100 * r['auroc'][name]:.1f}")
@@ -249,7 +252,7 @@ def summarize(run_dirs):
 def read_run(run_dir):
     """The metrics.json of a --one-class run folder, or a UsageError."""
     run = main.read_json(Path(run_dir) / "metrics.json")
-    if not isinstance(run, dict) or not run.get("per_digit") or not run.get("mean_auroc"):
+    if not run.get("per_digit") or not run.get("mean_auroc"):
         raise main.UsageError(f"{run_dir}: no metrics.json of a --one-class run there (main.py --one-class writes one)")
     return run
 

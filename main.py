@@ -590,11 +590,12 @@ def write_metrics(run_dir, run_cfg, net, history, **extra):
 
 
 def read_json(path):
-    """The JSON object in path, or {} if there is none (or it cannot be read)."""
+    """The JSON object in path, or {} if there is none (it cannot be read, or holds another JSON value)."""
     try:
-        return json.loads(Path(path).read_text())
+        obj = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
+    return obj if isinstance(obj, dict) else {}
 
 
 def read_checkpoint(path, device):

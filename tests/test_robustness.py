@@ -513,3 +513,11 @@ def test_a_conv_run_from_before_the_channels_flag_resumes(tiny_mnist, tmp_path):
     resumed = torch.load(path, weights_only=True)
     assert resumed["epoch"] == 2 and resumed["model_args"]["conv_channels"] == [32, 64]
     assert resumed["config"]["conv_channels"] == "32,64" and resumed["config"]["hidden_dim"] == 256
+
+
+def test_read_json_gives_an_empty_object_for_anything_but_a_json_object(tmp_path):
+    # write_metrics and anomaly.summarize read metrics.json through it and expect a dict
+    for text, expected in (('{"a": 1}', {"a": 1}), ("[1, 2]", {}), ("3", {}), ("not json", {})):
+        (tmp_path / "m.json").write_text(text)
+        assert main.read_json(tmp_path / "m.json") == expected
+    assert main.read_json(tmp_path / "missing.json") == {}
