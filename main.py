@@ -119,13 +119,21 @@ class UsageError(Exception):
 
 def make_parser(with_defaults=True):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     argument_default=None if with_defaults else argparse.SUPPRESS)
+                                     argument_default=None if with_defaults else argparse.SUPPRESS,
+                                     fromfile_prefix_chars="@")
+    parser.convert_arg_line_to_args = recipe_line
     for f in dataclasses.fields(Config):
         parser.add_argument("--" + f.name.replace("_", "-"), type=f.type, choices=CHOICES.get(f.name),
                             help=f"{f.metadata['help']} (default: {f.default!r})",
                             **({"default": f.default} if with_defaults else {}))
     parser.error = lambda message: fail(f"{message} (see python main.py --help)")
     return parser
+
+
+def recipe_line(line):
+    """One line of a recipe file (python main.py @configs/NAME.args): flags and values separated by
+    spaces; a # starts a comment."""
+    return line.split("#", 1)[0].split()
 
 
 def parse_args(argv=None):
