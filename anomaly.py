@@ -1,6 +1,6 @@
 """Anomaly detection on one-class MNIST with a VAE: Ruff et al. 2018's protocol (Table 1).
 
-    python main.py --one-class all --model vae --epochs 20 --val-size 0
+    python main.py @configs/one-class.args        # = --one-class all --model vae --epochs 20
     python anomaly.py results/anomaly-mlp-*/      # mean ± std over runs (seeds) of the command above
 
 For each digit d: train a VAE on the training images of d only, score all 10,000 test images,
@@ -14,28 +14,23 @@ The last two need k >= 1: --iw-samples 0 skips them (the fast way to repeat the 
 Each is summarised by the area under the ROC curve (AUROC), per digit and averaged.
 
 Ruff et al. 2018 = "Deep One-Class Classification", ICML 2018, Table 1 (AUROC %, MNIST).
-The training reuses main.py's functions (build_net, make_optimizer, lr_at, train_epoch): a
-class subset of the training set is only an index into its tensors.
+main.py trains the models (its own training loop, on one digit's training images) and calls the
+functions here to score them; `python anomaly.py RUN...` summarises runs over seeds.
 """
-import dataclasses
 import math
 import sys
-import time
 import zlib
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib import colormaps
 
 import data
 import losses
-import main
 import models
-from viz import DPI, save_figure
+import runs
+from viz import figure, save_figure
 
 SCORES = ("neg_elbo", "recon_error", "neg_log_px", "neg_log_px_minus_complexity")   # the last two need k >= 1
 SCORE_NAMES = {"neg_elbo": "−ELBO", "neg_log_px": "−log p(x) (IW)", "recon_error": "squared error at z = μ",
@@ -115,21 +110,6 @@ def complexity_nats(x):
     return torch.tensor([8 * math.log(2) * len(zlib.compress(row.tobytes(), 9)) for row in as_bytes])
 
 
-def train_one_class(x_train, cfg, device):
-    """A VAE trained on x_train (one digit's images) under cfg's model and training flags."""
-    torch.manual_seed(cfg.seed)
-    net = main.build_net("vae", cfg, device)
-    optimizer = main.make_optimizer(net, cfg.lr, cfg.adam_eps)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = main.lr_at(epoch, cfg.lr, cfg.lr_schedule, cfg.epochs)
-        labels = torch.zeros(len(x_train), dtype=torch.long, device=device)    # unused by the VAE
-        history.append({"epoch": epoch, **main.train_epoch(net, optimizer, x_train, labels, cfg, generator, epoch)})
-    return net, history
-
-
 def parse_digits(text):
     """'all' -> 0..9; '3,5' -> [3, 5]."""
     if text == "all":
@@ -139,59 +119,25 @@ def parse_digits(text):
     except ValueError:
         digits = []
     if not digits or not all(0 <= d <= 9 for d in digits):
-        raise main.UsageError(f"--one-class {text!r}: give 'all' or digits from 0 to 9 separated by commas, e.g. 3,8")
+        raise runs.UsageError(f"--one-class {text!r}: give 'all' or digits from 0 to 9 separated by commas, e.g. 3,8")
     return digits
 
 
-def test_images(cfg, device):
-    """(x_test, y_test); binarized once (data.binarize_once) when the models train on binary pixels."""
-    (x_train, y_train), (x_test, y_test) = data.load_mnist(cfg.data_dir, device)
-    if cfg.binarize == "dynamic":
-        x_test = data.binarize_once(x_test, "test")
-    return (x_train, y_train), (x_test, y_test)
-
-
-def run(cfg, device):
-    """--one-class: per digit, train, score the test set, AUROC; write metrics.json and roc.png."""
-    if cfg.model == "cvae":
-        raise main.UsageError("--one-class trains unconditional VAEs (a CVAE would be told the digit): "
-                              "use --model vae")
-    digits = parse_digits(cfg.one_class)
-    (x_train, y_train), (x_test, y_test) = test_images(cfg, device)
-    run_dir = main.make_run_dir(cfg.out_dir, f"anomaly-{cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
-    print(f"one-class VAEs ({cfg.arch}, {cfg.epochs} epochs, binarize {cfg.binarize}) for digits "
-          f"{digits} on {device}: writing {run_dir}")
-    results = {}
-    for d in digits:
-        results[d] = one_digit(d, x_train[y_train == d], x_test, y_test, cfg, device, run_dir)
-        write_results(cfg, results, run_dir)
-    roc_figure(results, cfg, run_dir / "roc.png")
-    return run_dir
-
-
-def one_digit(d, x_d, x_test, y_test, cfg, device, run_dir):
-    """Train on digit d, score the test set; returns its AUROCs, timings and ROC inputs."""
-    if len(x_d) == 0:
-        raise main.UsageError(f"the training set holds no image of digit {d}: choose others with --one-class")
-    start = time.perf_counter()
-    net, history = train_one_class(x_d, cfg, device)
-    seconds = time.perf_counter() - start
-    main.save_checkpoint(net, None, dataclasses.replace(cfg, model="vae"), cfg.epochs, history, None,
-                         run_dir / f"digit{d}.pt")
-    scores = anomaly_scores(net, x_test, cfg.iw_samples, cfg.seed)
+def score_digit(net, d, x_test, y_test, k, seed):
+    """The test images scored by digit d's model, the other nine digits the anomalies:
+    {"auroc": {score name: AUROC}, "scores": {score name: (n,)}, "is_anomaly": (n,) bool}."""
+    scores = anomaly_scores(net, x_test, k, seed)
     is_anomaly = (y_test != d).cpu()
-    aurocs = {name: auroc(s, is_anomaly) for name, s in scores.items()}
-    print(f"digit {d}: {len(x_d)} training images, {seconds:.0f} s; AUROC % "
-          + ", ".join(f"{SCORE_NAMES[n]} {100 * a:.1f}" for n, a in aurocs.items()))
-    return {"train_images": len(x_d), "train_seconds": seconds, "auroc": aurocs,
-            "final_train_neg_elbo": history[-1]["train_neg_elbo"], "scores": scores, "is_anomaly": is_anomaly}
+    return {"auroc": {name: auroc(s, is_anomaly) for name, s in scores.items()}, "scores": scores,
+            "is_anomaly": is_anomaly}
 
 
-def write_results(cfg, results, run_dir):
+def metrics(config, results):
+    """The run's metrics.json: per digit its AUROCs and training facts, the means, the anchors.
+    config: the run's configuration as a dict; results: {digit: score_digit's dict and more}."""
     per_digit = {d: {k: v for k, v in r.items() if k not in ("scores", "is_anomaly")} for d, r in results.items()}
-    main.save_json({"config": dataclasses.asdict(cfg), "iw_samples": cfg.iw_samples, "per_digit": per_digit,
-                    "mean_auroc": mean_aurocs(results), "deep_svdd_per_digit": DEEP_SVDD, "anchor_means": ANCHOR_MEANS},
-                   run_dir / "metrics.json")
+    return {"config": config, "iw_samples": config["iw_samples"], "per_digit": per_digit,
+            "mean_auroc": mean_aurocs(results), "deep_svdd_per_digit": DEEP_SVDD, "anchor_means": ANCHOR_MEANS}
 
 
 def computed(results):
@@ -204,22 +150,22 @@ def mean_aurocs(results):
     return {name: sum(r["auroc"][name] for r in results.values()) / len(results) for name in computed(results)}
 
 
-def roc_figure(results, cfg, path):
+def roc_figure(results, path, title):
     """One panel per score: the ROC curve of every digit's model, its AUROC in the legend."""
     means = mean_aurocs(results)
-    fig, axes = plt.subplots(1, len(means), figsize=(3.9 * len(means), 4.3), dpi=DPI, sharey=True)
+    fig, axes = figure(1, len(means), figsize=(3.9 * len(means), 4.3), sharey=True, squeeze=False)
+    axes = axes[0]
     for ax, (name, mean) in zip(axes, means.items()):
         for d, r in results.items():
             fpr, tpr = roc_curve(r["scores"][name], r["is_anomaly"])
-            ax.plot(fpr.numpy(), tpr.numpy(), color=plt.cm.tab10(d), lw=1.2, label=f"{d}: {100 * r['auroc'][name]:.1f}")
+            ax.plot(fpr.numpy(), tpr.numpy(), color=colormaps["tab10"](d), lw=1.2, label=f"{d}: {100 * r['auroc'][name]:.1f}")
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, linestyle=":")
         ax.set_title(f"score: {SCORE_NAMES[name]}\nmean AUROC {100 * mean:.1f}%", fontsize=10)
         ax.set_xlabel("false positive rate (normal digits flagged)")
         ax.legend(title="normal digit: AUROC %", fontsize=7, title_fontsize=7, loc="lower right")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("true positive rate (other digits flagged)")
-    fig.suptitle(f"One-class MNIST: a VAE ({cfg.arch}) per digit, {cfg.epochs} epochs, binarize "
-                 f"{cfg.binarize}; anomalies = the 9 other digits of the test set", fontsize=10, y=1.03)
+    fig.suptitle(title, fontsize=10, y=1.03)
     save_figure(fig, path)
 
 
@@ -232,28 +178,28 @@ def summarize(run_dirs):
     The runs must differ in their seed only: the same digits, scores and every other setting, and
     two or more distinct seeds (a repeated seed would shrink the spread without measuring anything).
     """
-    runs = [read_run(r) for r in run_dirs]
-    settings = [{k: v for k, v in run["config"].items() if k not in ("seed", "out_dir")} for run in runs]
-    if any(s != settings[0] for s in settings) or any(run["per_digit"].keys() != runs[0]["per_digit"].keys()
-                                                       for run in runs):
-        raise main.UsageError("these runs differ in more than their --seed: summarize runs of one command")
-    seeds = [run["config"]["seed"] for run in runs]
+    loaded = [read_run(r) for r in run_dirs]
+    settings = [{k: v for k, v in run["config"].items() if k not in ("seed", "out_dir")} for run in loaded]
+    if any(s != settings[0] for s in settings) or any(run["per_digit"].keys() != loaded[0]["per_digit"].keys()
+                                                       for run in loaded):
+        raise runs.UsageError("these runs differ in more than their --seed: summarize runs of one command")
+    seeds = [run["config"]["seed"] for run in loaded]
     if len(set(seeds)) != len(seeds) or len(seeds) < 2:
-        raise main.UsageError(f"give two or more runs with distinct seeds, got seeds {seeds}: "
+        raise runs.UsageError(f"give two or more runs with distinct seeds, got seeds {seeds}: "
                               f"a mean ± std needs independent runs")
     table = {}
-    for name in runs[0]["mean_auroc"]:
-        aurocs = {d: [100 * run["per_digit"][d]["auroc"][name] for run in runs] for d in runs[0]["per_digit"]}
-        aurocs["mean"] = [100 * run["mean_auroc"][name] for run in runs]
+    for name in loaded[0]["mean_auroc"]:
+        aurocs = {d: [100 * run["per_digit"][d]["auroc"][name] for run in loaded] for d in loaded[0]["per_digit"]}
+        aurocs["mean"] = [100 * run["mean_auroc"][name] for run in loaded]
         table[name] = {d: (float(np.mean(a)), float(np.std(a, ddof=1))) for d, a in aurocs.items()}
     return table, seeds
 
 
 def read_run(run_dir):
     """The metrics.json of a --one-class run folder, or a UsageError."""
-    run = main.read_json(Path(run_dir) / "metrics.json")
+    run = runs.read_json(Path(run_dir) / "metrics.json")
     if not run.get("per_digit") or not run.get("mean_auroc"):
-        raise main.UsageError(f"{run_dir}: no metrics.json of a --one-class run there (main.py --one-class writes one)")
+        raise runs.UsageError(f"{run_dir}: no metrics.json of a --one-class run there (main.py --one-class writes one)")
     return run
 
 
@@ -273,10 +219,10 @@ def cli(run_dirs):
     """python anomaly.py RUN_DIR...: the summary, or one line and exit code 2."""
     try:
         if not run_dirs:
-            raise main.UsageError("give the run folders of --one-class runs: python anomaly.py results/anomaly-mlp-*/")
+            raise runs.UsageError("give the run folders of --one-class runs: python anomaly.py results/anomaly-mlp-*/")
         print_summary(*summarize(run_dirs))
-    except main.UsageError as e:
-        main.fail(str(e))
+    except runs.UsageError as e:
+        runs.fail(str(e))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ from PIL import Image
 import data
 import losses
 import models
+import runs
 
 LATENT_BITS = 8          # B = 256 buckets per latent dimension, as in the BB-ANS authors' MNIST script
 FAMILIES = constriction.stream.model   # the coder's model families (24-bit fixed-point probabilities)
@@ -271,7 +272,7 @@ def cpu_name():
 
 # ------------------------------------------------------------------------------------------------
 # The two commands: python main.py --compress CKPT  and  --decompress FILE --checkpoint CKPT
-# (main.compress_or_decompress reads the flags and the checkpoint and calls these)
+# (main.py reads the flags and the checkpoint and calls these)
 # ------------------------------------------------------------------------------------------------
 def check_vae(path, ckpt):
     """Only a VAE trained on binary pixels defines a code for binary images: refuse the rest."""
@@ -285,9 +286,9 @@ def check_vae(path, ckpt):
 
 
 def binarized_test_set(data_dir):
-    """The README's fixed binarized test set, (n, 1, 28, 28): what main.load_sets gives for --binarize dynamic."""
-    _, (x_test, _) = data.load_mnist(data_dir, torch.device("cpu"))
-    return data.binarize_once(x_test, "test")
+    """The fixed binarized test set, (n, 1, 28, 28), on the CPU: the one every binarized model is scored on."""
+    _, _, (x_test, _) = data.load_sets(data_dir, 0, "dynamic", torch.device("cpu"))
+    return x_test
 
 
 def compress_command(checkpoint, net, x_test, neg_elbo_nats, run_dir):
@@ -312,7 +313,7 @@ def compress_command(checkpoint, net, x_test, neg_elbo_nats, run_dir):
     report["neg_elbo_bits_per_dim"] = losses.bits_per_dim(report["neg_elbo_nats"])
     report["above_neg_elbo"] = report["bits_per_dim"] / report["neg_elbo_bits_per_dim"] - 1
     report["baselines_bits_per_dim"] = {name: 8 * size / x_bits.size for name, size in baseline_sizes(x_bits).items()}
-    (run_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+    runs.save_json(report, run_dir / "metrics.json")
     print_report(report)
     return run_dir
 
@@ -327,18 +328,24 @@ def rates(path, x_bits, lengths, latent_dim):
             **{f"{part}_bits_per_dim": lengths[part] * per_dim for part in ("pixels", "prior", "bits_back")}}
 
 
-def decompress_command(compressed, checkpoint, net, run_dir):
-    """Decode the file compressed with the model net (read from checkpoint) into run_dir/decoded.npy:
-    (n, 28, 28) uint8 in {0, 1}."""
+def decompress_command(compressed, net):
+    """(x_bits, seconds): the images of the file compressed with net, (n, 784) uint8 in {0, 1}, and the
+    time decoding took; a CompressionError for a damaged file or another model, before anything is written."""
     start = time.perf_counter()
     x_bits = decompress_file(compressed, net)
-    seconds = time.perf_counter() - start
-    np.save(run_dir / "decoded.npy", x_bits.reshape(-1, 28, 28))
+    return x_bits, time.perf_counter() - start
+
+
+def write_decompressed(compressed, checkpoint, x_bits, seconds, run_dir):
+    """run_dir/decoded.npy, (n, 28, 28) uint8 in {0, 1}, and run_dir/metrics.json."""
+    def save(path):
+        with open(path, "wb") as f:            # a file object: np.save would add .npy to the .tmp name
+            np.save(f, x_bits.reshape(-1, 28, 28))
+    runs.save_atomic(save, run_dir / "decoded.npy")
     report = {"compressed": str(compressed), "checkpoint": str(checkpoint), "n_images": len(x_bits),
               "decode_seconds": seconds, "cpu": cpu_name(), "images_hash_matches": True}
-    (run_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+    runs.save_json(report, run_dir / "metrics.json")
     print(f"decoded {len(x_bits)} images in {seconds:.1f} s ({cpu_name()}), matching the file's hash: {run_dir}")
-    return run_dir
 
 
 def print_report(r):

@@ -27,6 +27,18 @@ MNIST_MD5 = {
 }
 
 
+DEFAULT_DATA_DIR = "data"                            # the folder shipped beside this file
+PROJECT_DIR = Path(__file__).resolve().parent
+
+
+def data_path(data_dir):
+    """--data-dir as a path: "data" (the default) is the data/ folder beside this file whatever the
+    working directory (run from elsewhere it would otherwise try to download MNIST and retrain the
+    judge); any other relative path is read from the working directory. Resolved where it is used,
+    so configurations keep "data" and a run folder moved to another clone still finds its data."""
+    return PROJECT_DIR / data_dir if data_dir == DEFAULT_DATA_DIR else Path(data_dir)
+
+
 class DataError(Exception):
     """The data cannot be used; the message says what is wrong and how to fix it."""
 
@@ -158,6 +170,17 @@ def binarize_once(x, split):
     so the bits are the same on every device)."""
     generator = torch.Generator().manual_seed(BINARIZE_SEEDS[split])
     return torch.bernoulli(x.cpu(), generator=generator).to(x.device)
+
+
+def load_sets(data_dir, val_size, binarize, device):
+    """(train, val, test) tensors; with binarize "dynamic", val and test binarized once, here
+    (training images are drawn anew in every epoch, by binarize_dynamic)."""
+    train_set, test_set = load_mnist(data_path(data_dir), device)
+    train_set, val_set = split_validation(train_set, val_size)
+    if binarize == "dynamic":
+        val_set = (binarize_once(val_set[0], "val"), val_set[1])
+        test_set = (binarize_once(test_set[0], "test"), test_set[1])
+    return train_set, val_set, test_set
 
 
 def binarize_dynamic(x):

@@ -1,7 +1,7 @@
 """Imputation with an unconditional VAE: Sohn et al. 2015's MNIST quadrant task, scored by the
 conditional log-likelihood of the hidden pixels.
 
-    python main.py --impute checkpoints/vae-mlp-binarized.pt --iw-samples 1000
+    python main.py @configs/impute.args    # = --impute checkpoints/vae-mlp-binarized.pt --iw-samples 1000
 
 Given 1, 2 or 3 quadrants of a binarized test digit (x_o), the model fills in the rest (x_h).
 Pyro's CVAE tutorial (pyro.ai/examples/cvae.html, examples/cvae/mnist.py, MaskImages) gives
@@ -17,27 +17,22 @@ sum over pixels, and both terms are importance-sampling estimates [IWAE §3]:
              x̂_h^1..x̂_h^M are completions drawn by M short chains (z ~ q(z|x̂), x̂_h ~ p(x_h|z), as
              Rezende et al. 2014, arXiv:1401.4082), then fitted to p(z|x_o) by a few steps of
              gradient ascent on its own ELBO of log p(x_o); K samples, K/M from each component,
-             weighted by the whole mixture's density (multiple importance sampling, balance heuristic).
+             weighted by the whole mixture's density (multiple importance sampling, balance heuristic;
+             when M does not divide K, each component weighted by its share of the K samples).
 Each estimate is, in expectation, a lower bound on its log-probability that tightens as K grows;
 their difference is neither an upper nor a lower bound on log p(x_h|x_o), only consistent as
 K -> ∞. An underestimated log p(x_o) makes the reported −log p(x_h|x_o) look *better*, which is
 why the proposal for x_o is made as good as we could and the K-dependence is reported.
 """
-import dataclasses
 import math
-import time
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
 
 import data
 import losses
-import main
 import models
-from viz import DPI, draw_grid, grid_size, save_figure
+import runs
+from viz import draw_grid, figure, grid_size, save_figure
 
 N_CHAINS = 20           # M: completions per image, one mixture component each
 CHAIN_STEPS = 50        # steps of each completion chain
@@ -109,24 +104,30 @@ def fit_components(x_obs, mu, logvar, decode_obs, steps=FIT_STEPS, lr=FIT_LR):
     return mu.detach(), logvar.detach()
 
 
-def log_mixture(z, mu, logvar):
-    """log q_mix(z) = log (1/M) Σ_m N(z; μ_m, σ_m²): z (s, n, L), mu/logvar (M, n, L) -> (s, n)."""
+def log_mixture(z, mu, logvar, weights=None):
+    """log q_mix(z) = log Σ_m w_m N(z; μ_m, σ_m²): z (s, n, L), mu/logvar (M, n, L) -> (s, n).
+    weights (M,) sum to 1; None: the equal weights 1/M."""
     per_component = losses.log_normal(z[:, None], mu[None], logvar[None])      # (s, M, n)
-    return torch.logsumexp(per_component, dim=1) - math.log(len(mu))
+    if weights is None:
+        return torch.logsumexp(per_component, dim=1) - math.log(len(mu))
+    return torch.logsumexp(per_component + weights.log()[None, :, None], dim=1)
 
 
 @torch.no_grad()
 def mixture_iw_log_px(x_flat, mu, logvar, decode, k, max_elements=2**20):
-    """log p(x_flat) ≈ log (1/K) Σ_i p(x|z_i) p(z_i) / q_mix(z_i), sample i from component i mod M.
+    """log p(x_flat) ≈ log (1/K) Σ_i p(x|z_i) p(z_i) / q_K(z_i), sample i from component i mod M.
 
     x_flat (n, d): the pixels that enter the likelihood; decode(z) must return their d logits.
+    Component m draws n_m of the K samples (n_m = K/M when M divides K; else the first K mod M
+    components one more, and with K < M only the first K draw at all). Each sample is weighted by
+    q_K(z) = Σ_m (n_m / K) N(z; μ_m, σ_m²), the density the K draws actually came from, which keeps
+    E[(1/K) Σ_i w_i] = Σ_m (n_m / K) ∫ q_m p / q_K dz = p(x) for every K (multiple importance
+    sampling with the balance heuristic [Veach & Guibas 1995]), so E[estimate] <= log p(x).
     With M = 1 and the encoder's q(z|x) this is losses.iw_log_px, draw for draw (a test checks).
-    Stratified sampling (K/M per component) with the mixture density in the weight keeps
-    E[(1/K) Σ_i w_i] = p(x) [Veach & Guibas 1995, the balance heuristic], so E[estimate] <= log p(x).
-    This needs K a multiple of M (the runs here: K = 1000 or 5000 and M = 20); otherwise the
-    first K mod M components get one sample more, a small bias that vanishes as K grows.
     """
     n_components, n, latent_dim = mu.shape
+    counts = torch.bincount(torch.arange(k, device=mu.device) % n_components, minlength=n_components)
+    share = counts.to(mu.dtype) / k                                    # n_m / K; 0 for components unused
     std = torch.exp(0.5 * logvar)
     x_centered = x_flat - 0.5
     per_chunk = max(1, max_elements // x_centered.numel())
@@ -138,9 +139,9 @@ def mixture_iw_log_px(x_flat, mu, logvar, decode, k, max_elements=2**20):
         component = torch.arange(start, start + len(eps), device=mu.device) % n_components
         z = mu[component] + std[component] * eps                       # (s, n, L)
         x_logits = decode(z.view(-1, latent_dim)).reshape(len(eps), n, -1)
-        # log w = log p(x|z) + log p(z) − log q_mix(z)
+        # log w = log p(x|z) + log p(z) − log q_K(z)
         log_w = (losses.log_bernoulli_samples(x_centered, x_logits) + losses.log_standard_normal(z)
-                 - log_mixture(z, mu, logvar))
+                 - log_mixture(z, mu, logvar, share))
         log_sum_w = torch.logaddexp(log_sum_w, torch.logsumexp(log_w, dim=0))
     return log_sum_w - math.log(k)
 
@@ -175,39 +176,21 @@ def conditional_nll(net, x, k, seed, n_given=(1, 2, 3)):
 def check_checkpoint(path, ckpt):
     """Only an unconditional VAE trained on binary pixels has the p(x) this task needs."""
     if ckpt["model_args"]["model"] != "vae":
-        raise main.UsageError(f"{path} holds a {ckpt['model_args']['model'].upper()}: --impute needs an "
+        raise runs.UsageError(f"{path} holds a {ckpt['model_args']['model'].upper()}: --impute needs an "
                               f"unconditional VAE's p(x) (e.g. checkpoints/vae-mlp-binarized.pt)")
     if (ckpt.get("config") or {}).get("binarize", "none") == "none":
-        raise main.UsageError(f"{path} was trained on grey pixels (--binarize none), so its Bernoulli p(x|z) "
+        raise runs.UsageError(f"{path} was trained on grey pixels (--binarize none), so its Bernoulli p(x|z) "
                               f"is no likelihood of binary images: --impute needs a model trained with "
                               f"--binarize dynamic (e.g. checkpoints/vae-mlp-binarized.pt)")
 
 
-def run(cfg, device):
-    """--impute: −log p(x_h|x_o) on the binarized test set for 1, 2, 3 given quadrants."""
-    net, ckpt = main.read_checkpoint(cfg.impute, device)
-    check_checkpoint(cfg.impute, ckpt)
-    if cfg.iw_samples < 1:
-        raise main.UsageError("--impute estimates log-likelihoods: give --iw-samples 1 or more")
-    _, (x_test, y_test) = data.load_mnist(cfg.data_dir, device)
-    n = min(len(x_test), cfg.max_batches * BATCH) if cfg.max_batches else len(x_test)
-    x_test, y_test = data.binarize_once(x_test, "test")[:n], y_test[:n]
-    run_dir = main.make_run_dir(cfg.out_dir, f"impute-{time.strftime('%Y%m%d-%H%M%S')}")
-    print(f"{cfg.impute}: −log p(x_h|x_o) of {n} binarized test digits, K = {cfg.iw_samples}, "
-          f"{N_CHAINS} chains of {CHAIN_STEPS} steps, {FIT_STEPS} fitting steps; writing {run_dir}")
-    start = time.perf_counter()
-    result = conditional_nll(net, x_test, cfg.iw_samples, cfg.seed)
-    seconds = time.perf_counter() - start
-    report = {f"{q}_quadrants": result[q].mean().item() for q in (1, 2, 3)}
-    print(f"−log p(x) {-result['log_px'].mean():.2f}; −log p(x_h|x_o) for 1 / 2 / 3 given quadrants: "
-          + " / ".join(f"{v:.2f}" for v in report.values()) + f" nats ({seconds:.0f} s)")
-    main.save_json({"checkpoint": cfg.impute, "config": dataclasses.asdict(cfg), "test_images": n,
-                    "iw_samples": cfg.iw_samples, "n_chains": N_CHAINS, "chain_steps": CHAIN_STEPS,
-                    "fit_steps": FIT_STEPS, "fit_lr": FIT_LR,
-                    "neg_log_px": -result["log_px"].mean().item(), "neg_cond_log_lik": report,
-                    "seconds": seconds, "pyro_nn": PYRO_NN, "pyro_cvae": PYRO_CVAE}, run_dir / "metrics.json")
-    completions_figure(net, x_test, y_test, cfg.seed, run_dir / "completions.png")
-    return run_dir
+def metrics(result, iw_samples, n_images):
+    """The run's numbers: −log p(x) and −log p(x_h|x_o) for 1, 2, 3 given quadrants (nats, test mean),
+    beside the proposal's settings and Pyro's. result: conditional_nll's."""
+    return {"test_images": n_images, "iw_samples": iw_samples, "n_chains": N_CHAINS, "chain_steps": CHAIN_STEPS,
+            "fit_steps": FIT_STEPS, "fit_lr": FIT_LR, "neg_log_px": -result["log_px"].mean().item(),
+            "neg_cond_log_lik": {f"{q}_quadrants": result[q].mean().item() for q in (1, 2, 3)},
+            "pyro_nn": PYRO_NN, "pyro_cvae": PYRO_CVAE}
 
 
 @torch.no_grad()
@@ -216,7 +199,7 @@ def completions_figure(net, x, y, seed, path, n_samples=6):
     each the decoder's pixel means σ(l(z)) at z ~ q(z|x_o, x̂_h^m), one chain m per column."""
     idx = torch.stack([torch.nonzero(y == d)[0, 0] for d in range(10) if (y == d).any()])
     width, height = grid_size(len(idx), n_samples + 2)
-    fig, axes = plt.subplots(1, 3, dpi=DPI, figsize=(3 * width + 1.2, height + 0.8),
+    fig, axes = figure(1, 3, figsize=(3 * width + 1.2, height + 0.8),
                              gridspec_kw={"wspace": 0.06, "left": 0.01, "right": 0.99})
     for ax, q in zip(axes, (1, 2, 3)):
         hidden = hidden_mask(q).to(x.device)

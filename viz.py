@@ -9,11 +9,8 @@ images are drawn. Paper tags: AEVB, M2 and CVAE as in losses.py.
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")   # files only, no display needed
-import matplotlib.pyplot as plt
 import torch
+from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid, save_image
 
@@ -96,7 +93,7 @@ def grid_size(n_rows, n_cols):
 def grid_figure(images, nrow, title, row_labels=None, col_labels=None, xlabel=None, ylabel=None):
     """One titled grid of images in a matplotlib figure; returns (fig, ax) for extra marks."""
     width, height = grid_size(math.ceil(len(images) / nrow), nrow)
-    fig, ax = plt.subplots(figsize=(width + 1.4, height + 1.1), dpi=DPI)
+    fig, ax = figure(figsize=(width + 1.4, height + 1.1), dpi=DPI)
     draw_grid(ax, images, nrow, row_labels, col_labels)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel or "")
@@ -104,9 +101,15 @@ def grid_figure(images, nrow, title, row_labels=None, col_labels=None, xlabel=No
     return fig, ax
 
 
+def figure(*grid, figsize, dpi=DPI, layout=None, **subplots):
+    """(fig, axes): a matplotlib Figure made without pyplot, so that importing or calling this module
+    never touches the backend of a notebook or a script that imports it (a Figure saves to PNG alone)."""
+    fig = Figure(figsize=figsize, dpi=dpi, layout=layout)
+    return fig, fig.subplots(*grid, **subplots)
+
+
 def save_figure(fig, path):
     fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +164,7 @@ def loss_curves(history, path, title, conditional=False):
     written before main.py recorded the train terms show the train −ELBO alone.
     """
     long_run = len(history) > 30           # then: no markers, and a log epoch axis that shows both ends
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=120, layout="constrained")
+    fig, axes = figure(1, 3, figsize=(13, 3.6), dpi=120, layout="constrained")
     for ax, (term, name) in zip(axes, term_names(conditional)):
         for split, style, colour in SPLITS:
             points = [(h["epoch"], h[f"{split}_{term}"]) for h in history if f"{split}_{term}" in h]
@@ -178,7 +181,6 @@ def loss_curves(history, path, title, conditional=False):
         ax.legend()
     fig.suptitle(title)
     fig.savefig(path)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +208,7 @@ def latent_space(net, x, y, path, n=SCATTER_SIZE, seed=0):
     mu, _ = encode(net, x[idx], y[idx])
     labels = y[idx].cpu()
     coords, (xlabel, ylabel) = project_2d(mu.cpu(), labels, mean_name(net))
-    fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=DPI)
+    fig, ax = figure(figsize=(6.4, 5.2), dpi=DPI)
     points = ax.scatter(coords[:, 0], coords[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=N_CLASSES - 0.5,
                         s=4, alpha=0.7)
     fig.colorbar(points, ax=ax, ticks=range(N_CLASSES), label="digit")
@@ -255,7 +257,7 @@ def manifold(net, path, n=20, n_cvae=10):
     cvae = isinstance(net, CVAE)
     labels, k = (range(net.n_classes), n_cvae) if cvae else ([None], n)
     shape, size = ((2, net.n_classes // 2), (16, 7.4)) if cvae else ((1, 1), (8.6, 8.6))
-    fig, axes = plt.subplots(*shape, figsize=size, dpi=DPI, squeeze=False, layout="constrained")
+    fig, axes = figure(*shape, figsize=size, dpi=DPI, squeeze=False, layout="constrained")
     for label, ax in zip(labels, axes.flat):
         draw_grid(ax, manifold_images(net, k, label), k)
         label_manifold_axes(ax, k)
@@ -357,7 +359,7 @@ def latent_traversals(net, x, y, path, kl_per_dim, n_digits=3, n_dims=10, n_step
     offsets = torch.linspace(-span, span, n_steps, device=x.device)
     idx = random_subset(len(x), n_digits, x.device, seed)
     width, height = grid_size(len(dims), n_steps)
-    fig, axes = plt.subplots(1, len(idx), figsize=(len(idx) * (0.6 * width + 0.3) + 1.3, 0.6 * height + 1.4),
+    fig, axes = figure(1, len(idx), figsize=(len(idx) * (0.6 * width + 0.3) + 1.3, 0.6 * height + 1.4),
                              dpi=DPI, squeeze=False, layout="constrained")
     row_labels = [f"z_{j + 1}  KL {kl[j]:.2f}" for j in dims.tolist()]          # z_1 is dimension 0
     col_labels = [f"{s:+.1f}" if k % 2 == 0 else "" for k, s in enumerate(offsets.tolist())]
@@ -424,7 +426,7 @@ def completions(net, x, y, path, n_samples=5, n_iters=50, seed=0):
 # ---------------------------------------------------------------------------------------------
 def anomaly_histogram(net, scores, path, n_marked):
     """Histogram of the scores, with their mean and the score of the n_marked-th least likely."""
-    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=DPI)
+    fig, ax = figure(figsize=(6.4, 4), dpi=DPI)
     ax.hist(scores.cpu().numpy(), bins=100, color="tab:blue")
     ax.set_yscale("log")
     ax.axvline(scores.mean().item(), color="black", linestyle="--", label=f"mean {scores.mean():.1f}")
@@ -458,7 +460,7 @@ def anomalies(net, x, y, scores, histogram_path, grid_path, n=32):
 def kl_bars(kl_per_dim, unit_variance, path, title, threshold=0.01):
     """KL(q(z_j|x) || p(z_j)) per latent dimension (test mean), active units [IWAE §5.2] marked."""
     active = [v > threshold for v in unit_variance]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.16 * len(kl_per_dim) + 1.5), 3.2), dpi=120)
+    fig, ax = figure(figsize=(max(4.0, 0.16 * len(kl_per_dim) + 1.5), 3.2), dpi=120)
     ax.bar(range(1, len(kl_per_dim) + 1), kl_per_dim, color=["C0" if a else "C7" for a in active])
     ax.set_xlabel("latent dimension j (grey: inactive, Var_x E[z_j] <= 0.01)")
     ax.set_ylabel("KL per image (nats)")
@@ -500,3 +502,19 @@ def gallery(net, x, y, history, run_dir, seed, kl_per_dim, scores):
     if history:
         loss_curves(history, path("loss_curves.png"), model_title(net) + ", MNIST", isinstance(net, CVAE))
     return paths
+
+
+def draw_run(net, x, y, history, report, scores, run_dir, seed):
+    """Every picture of a trained or evaluated model into run_dir: the three grids, samples by class
+    for the CVAE, the gallery above, and the KL per dimension. report: the run's final report (its
+    kl_per_dim orders the traversals, its unit_variance marks the active units); scores: the −ELBO
+    of each image of x, the anomaly pictures' scores."""
+    run_dir = Path(run_dir)
+    net.eval()
+    reconstruction_grid(net, x, y, run_dir / "reconstructions.png")
+    sample_grid(net, run_dir / "samples.png", seed=seed)
+    sample_grid(net, run_dir / "samples_10.png", n=10, seed=seed)     # 10 z ~ N(0, I) in one row
+    if isinstance(net, CVAE):
+        samples_by_class(net, run_dir / "samples_by_class.png", seed=seed)
+    gallery(net, x, y, history, run_dir, seed, report["kl_per_dim"], scores)
+    kl_bars(report["kl_per_dim"], report["unit_variance"], run_dir / "kl_per_dim.png", model_title(net))

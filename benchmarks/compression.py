@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bbans    # noqa: E402
 import losses   # noqa: E402
 import main     # noqa: E402
+import runs     # noqa: E402
 
 
 def measure(net, x_bits, latent_bits):
@@ -43,7 +44,7 @@ def main_(argv=None):
     parser.add_argument("--n", type=int, default=1000, help="the first n binarized test images")
     parser.add_argument("--latent-bits", type=int, nargs="+", default=[4, 6, 8, 10, 12])
     args = parser.parse_args(argv)
-    net, ckpt = main.read_checkpoint(args.checkpoint, "cpu")
+    net, ckpt = runs.read_checkpoint(args.checkpoint, "cpu")
     x_test = bbans.binarized_test_set(args.data_dir)[:args.n]
     x_bits = x_test.view(len(x_test), -1).numpy().astype(np.uint8)
     labels = torch.zeros(len(x_test), dtype=torch.long)                 # the VAE reads none

@@ -24,8 +24,8 @@ import bbans        # noqa: E402
 import data         # noqa: E402
 import imputation   # noqa: E402
 import losses       # noqa: E402
-import main         # noqa: E402
 import models       # noqa: E402
+import runs         # noqa: E402
 
 # (M chains, chain steps, fitting steps, K): the command's proposal without and with the fit, then more of each
 ROWS = [(20, 50, 0, 1000), (20, 50, 50, 1000), (20, 50, 200, 1000), (50, 50, 50, 1000), (20, 50, 50, 5000)]
@@ -51,8 +51,8 @@ def main_(argv=None):
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    net, _ = main.read_checkpoint(args.checkpoint, torch.device("cpu"))
-    _, (x_test, _) = data.load_mnist(main.data_path(args.data_dir), torch.device("cpu"))
+    net, _ = runs.read_checkpoint(args.checkpoint, torch.device("cpu"))
+    _, (x_test, _) = data.load_mnist(data.data_path(args.data_dir), torch.device("cpu"))
     x = data.binarize_once(x_test, "test")[:args.n]
     with torch.no_grad(), models.seeded(x.device, args.seed):
         log_px = losses.iw_log_px(x, net.encode, net.decode, 5000)

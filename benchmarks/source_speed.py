@@ -7,6 +7,7 @@ version and the thread count first, because these numbers belong to the machine 
     python benchmarks/source_speed.py --batches 100   # steadier, slower
 """
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -17,6 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data      # noqa: E402
 import main      # noqa: E402
+import models    # noqa: E402
+import runs      # noqa: E402
 from bbans import cpu_name    # noqa: E402
 
 # The training flags of each row's command (README); evaluation flags change no epoch.
@@ -31,12 +34,12 @@ ROWS = {
 
 def seconds_per_epoch(argv, train_set, batches, device):
     """Time `batches` steps of main.train_epoch (after 5 warm-up steps) and scale to one epoch."""
-    cfg, _ = main.parse_args(argv + ["--max-batches", str(batches)])
+    cfg, _, _ = main.parse_args(argv + ["--max-batches", str(batches)])
     torch.manual_seed(cfg.seed)
     net = main.build_net(cfg.model, cfg, device)
-    optimizer = main.make_optimizer(net, cfg.lr, cfg.adam_eps)
+    optimizer = models.make_optimizer(net, cfg.lr, cfg.adam_eps)
     generator = torch.Generator().manual_seed(cfg.seed)
-    main.train_epoch(net, optimizer, *train_set, main.dataclasses.replace(cfg, max_batches=5), generator, 1)
+    main.train_epoch(net, optimizer, *train_set, dataclasses.replace(cfg, max_batches=5), generator, 1)
     start = time.perf_counter()
     main.train_epoch(net, optimizer, *train_set, cfg, generator, 2)
     if device.type != "cpu":
@@ -51,8 +54,8 @@ def main_():
     parser.add_argument("--repeats", type=int, default=3, help="timings per row; the median is printed")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
-    device = main.pick_device(args.device)
-    train_set, _ = data.load_mnist(main.data_path(main.Config().data_dir), device)
+    device = runs.pick_device(args.device)
+    train_set, _ = data.load_mnist(data.data_path(main.Config().data_dir), device)
     train_set, _ = data.split_validation(train_set, main.Config().val_size)     # 50,000 images, as main.py
     print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, device {device}; "
           f"an epoch = {len(train_set[0])} images, batch 128")

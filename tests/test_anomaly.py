@@ -15,6 +15,7 @@ from test_cli import main_in_process
 
 import anomaly
 import main
+import runs
 
 
 def pair_count_auroc(scores, is_anomaly):
@@ -60,7 +61,7 @@ def test_digits_are_parsed_or_refused():
     assert anomaly.parse_digits("all") == list(range(10))
     assert anomaly.parse_digits("8,3,8") == [3, 8]
     for bad in ("12", "a", "", "3,-1"):
-        with pytest.raises(main.UsageError, match="--one-class"):
+        with pytest.raises(runs.UsageError, match="--one-class"):
             anomaly.parse_digits(bad)
 
 
@@ -80,8 +81,8 @@ def test_one_class_end_to_end_through_the_command_line(tiny_mnist, tmp_path):
     for name in anomaly.SCORES:
         mean = np.mean([row["auroc"][name] for row in metrics["per_digit"].values()])
         assert metrics["mean_auroc"][name] == pytest.approx(mean)
-    net, ckpt = main.read_checkpoint(run_dir / "digit3.pt", torch.device("cpu"))
-    assert ckpt["config"]["one_class"] == "3,5" and ckpt["epoch"] == 2
+    net, ckpt = runs.read_checkpoint(run_dir / "digit3.pt", torch.device("cpu"))
+    assert ckpt["config"]["model"] == "vae" and "one_class" not in ckpt["config"] and ckpt["epoch"] == 2
 
 
 def test_runs_over_seeds_are_summarized_as_mean_and_std(tiny_mnist, tmp_path, capsys):
@@ -91,11 +92,11 @@ def test_runs_over_seeds_are_summarized_as_mean_and_std(tiny_mnist, tmp_path, ca
     for seed in (1, 2):
         code, _, err = main_in_process(capsys, *common, "--seed", seed, "--out-dir", tmp_path / f"s{seed}")
         assert code == 0, err
-    runs = [next((tmp_path / f"s{seed}").iterdir()) for seed in (1, 2)]
-    metrics = [json.loads((r / "metrics.json").read_text()) for r in runs]
+    run_dirs = [next((tmp_path / f"s{seed}").iterdir()) for seed in (1, 2)]
+    metrics = [json.loads((r / "metrics.json").read_text()) for r in run_dirs]
     assert set(metrics[0]["mean_auroc"]) == {"neg_elbo", "recon_error"}          # no IW scores with K = 0
-    assert (runs[0] / "roc.png").read_bytes()[:4] == b"\x89PNG"
-    table, seeds = anomaly.summarize(runs)
+    assert (run_dirs[0] / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    table, seeds = anomaly.summarize(run_dirs)
     assert seeds == [1, 2] and set(table) == {"neg_elbo", "recon_error"}
     for name in table:
         for d in ("3", "5"):
@@ -103,19 +104,19 @@ def test_runs_over_seeds_are_summarized_as_mean_and_std(tiny_mnist, tmp_path, ca
             assert table[name][d] == pytest.approx((np.mean(a), np.std(a, ddof=1)))
         assert table[name]["mean"][0] == pytest.approx(np.mean([100 * m["mean_auroc"][name] for m in metrics]))
     # python anomaly.py RUN...: the table, Deep SVDD's mean over the same digits (3, 5: 91.9 and 88.5)
-    anomaly.cli(runs)
+    anomaly.cli(run_dirs)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("AUROC %, mean ± std over 2 runs (seeds 1, 2)")
     assert lines[-1] == "| mean | 90.2 | " + " | ".join(
         "{:.1f} ± {:.1f}".format(*table[name]["mean"]) for name in ("neg_elbo", "recon_error")) + " |"
     code, _, err = main_in_process(capsys, *common, "--epochs", "2", "--out-dir", tmp_path / "e2")
     assert code == 0, err
-    with pytest.raises(main.UsageError, match="differ in more than their --seed"):
-        anomaly.summarize([runs[0], next((tmp_path / "e2").iterdir())])
-    with pytest.raises(main.UsageError, match="two or more runs with distinct seeds, got seeds \\[1, 1\\]"):
-        anomaly.summarize([runs[0], runs[0]])
-    with pytest.raises(main.UsageError, match="two or more runs"):
-        anomaly.summarize([runs[0]])
+    with pytest.raises(runs.UsageError, match="differ in more than their --seed"):
+        anomaly.summarize([run_dirs[0], next((tmp_path / "e2").iterdir())])
+    with pytest.raises(runs.UsageError, match="two or more runs with distinct seeds, got seeds \\[1, 1\\]"):
+        anomaly.summarize([run_dirs[0], run_dirs[0]])
+    with pytest.raises(runs.UsageError, match="two or more runs"):
+        anomaly.summarize([run_dirs[0]])
     (tmp_path / "list").mkdir()
     (tmp_path / "list" / "metrics.json").write_text("[1, 2]")
     for folder in (tmp_path, tmp_path / "list"):

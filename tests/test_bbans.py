@@ -15,6 +15,8 @@ from test_cli import main_in_process
 
 import bbans
 import main
+import runs
+import dataclasses
 import models
 
 N_IMAGES = 6
@@ -32,7 +34,7 @@ def random_images(n=N_IMAGES, seed=0):
 def save(net, path, binarize="dynamic"):
     cfg = main.Config(binarize=binarize, latent_dim=net.latent_dim, hidden_dim=net.hidden_dim,
                       model=models.model_args(net)["model"])
-    main.save_checkpoint(net, None, cfg, 1, [], None, path)
+    runs.save_checkpoint(net, None, dataclasses.asdict(cfg), 1, [], None, path)
     return path
 
 
@@ -105,12 +107,6 @@ def test_encoder_is_deterministic():
 # ---------------------------------------------------------------------------------------------
 # The file, the command line, and bad input: one line, exit code 2
 # ---------------------------------------------------------------------------------------------
-def test_test_set_is_the_one_main_loads_for_binarize_dynamic(tiny_mnist):
-    cfg = main.Config(binarize="dynamic", val_size=0, data_dir=str(tiny_mnist))
-    _, _, (x_test, _) = main.load_sets(cfg, torch.device("cpu"))
-    assert torch.equal(bbans.binarized_test_set(tiny_mnist), x_test)
-
-
 def test_compress_then_decompress_through_the_command_line(tiny_mnist, tmp_path, capsys):
     ckpt = save(tiny_vae(), tmp_path / "vae.pt")
     code, out, err = main_in_process(capsys, "--compress", ckpt, "--data-dir", tiny_mnist, "--out-dir", tmp_path / "out")
@@ -181,8 +177,8 @@ def test_refuses_another_checkpoint_and_missing_flags(compressed, tmp_path, caps
     assert "needs --checkpoint" in refused(capsys, "--decompress", path, "--out-dir", tmp_path)
     assert "needs --checkpoint" in refused(capsys, "--compress", ckpt, "--checkpoint", ckpt)
     assert "needs --checkpoint" in refused(capsys, "--checkpoint", ckpt)
-    assert "go alone" in refused(capsys, "--decompress", path, "--compress", ckpt)
-    assert "go alone" in refused(capsys, "--compress", ckpt, "--eval", ckpt)
+    assert "--compress and --decompress exclude each other" in refused(capsys, "--decompress", path, "--compress", ckpt)
+    assert "--eval and --compress exclude each other" in refused(capsys, "--compress", ckpt, "--eval", ckpt)
     assert "no compressed file" in refused(capsys, "--decompress", tmp_path / "missing.bbans", "--checkpoint", ckpt)
 
 

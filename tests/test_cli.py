@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT
 
 import main
+import viz
 
 PAIRS = [(kind, arch) for kind in ("vae", "cvae") for arch in ("mlp", "conv")]
 
@@ -82,7 +83,7 @@ def pictures(kind):
 def test_train_then_eval_writes_every_output(tiny_mnist, tmp_path, capsys, monkeypatch, kind, arch):
     out = tmp_path / "results"
     args = ["--model", kind, "--arch", arch, "--epochs", 2, "--batch-size", 32, "--val-size", 16,
-            "--iw-samples", 4, "--latent-dim", 3, "--cvae-latent-dim", 2, "--data-dir", tiny_mnist, "--out-dir", out]
+            "--iw-samples", 4, "--latent-dim", 3 if kind == "vae" else 2, "--data-dir", tiny_mnist, "--out-dir", out]
     if (kind, arch) == ("vae", "mlp"):          # one pair through the real command line, the rest faster
         result = run_main(*args)
         assert result.returncode == 0, result.stderr
@@ -92,11 +93,11 @@ def test_train_then_eval_writes_every_output(tiny_mnist, tmp_path, capsys, monke
     (run_dir,) = out.iterdir()
     metrics = check_run_folder(run_dir, kind, epochs=2)
 
-    # --eval redraws with the same main.draw the training run used (checked above for every pair);
+    # --eval redraws with the same viz.draw_run the training run used (checked above for every pair);
     # one pair checks the redrawn pictures, the others skip them, which saves seconds of matplotlib
     redraw = (kind, arch) == ("cvae", "mlp")
     if not redraw:
-        monkeypatch.setattr(main, "draw", lambda *args, **kwargs: None)
+        monkeypatch.setattr(viz, "draw_run", lambda *args, **kwargs: None)
     code, _, err = main_in_process(capsys, "--eval", run_dir / "checkpoint.pt", "--data-dir", tiny_mnist,
                                    "--out-dir", out)
     assert code == 0, err
@@ -109,7 +110,7 @@ def test_train_then_eval_writes_every_output(tiny_mnist, tmp_path, capsys, monke
 
 
 def test_both_models_by_default_and_no_run_overwrites_another(tiny_mnist, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(main, "draw", lambda *args, **kwargs: None)     # pictures: the test above
+    monkeypatch.setattr(viz, "draw_run", lambda *args, **kwargs: None)     # pictures: the test above
     out = tmp_path / "results"
     for _ in range(2):
         code, _, err = main_in_process(capsys, "--epochs", 1, "--max-batches", 1, "--val-size", 16,

@@ -13,6 +13,7 @@ from torch.distributions import Bernoulli, Normal
 import imputation
 import losses
 import main
+import runs
 import models
 
 # A 4-pixel model with a 1-d latent: z ~ N(0, 1), p(x_d|z) = Bernoulli(σ(a_d z + b_d)); the
@@ -132,7 +133,7 @@ def test_quadrants_are_pyros_split():
 def write_checkpoint(path, kind="vae", binarize="dynamic"):
     net = models.build_model(kind, "mlp", 2, 16)
     cfg = dataclasses.replace(main.Config(), model=kind, binarize=binarize)
-    main.save_checkpoint(net, None, cfg, 1, [], None, path)
+    runs.save_checkpoint(net, None, dataclasses.asdict(cfg), 1, [], None, path)
     return path
 
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import models
+import runs
 from conftest import ROOT
 
 PAIRS = [(kind, arch) for kind in ("vae", "cvae") for arch in ("mlp", "conv")]
@@ -110,7 +111,7 @@ def test_checkpoint_round_trip_gives_the_same_outputs(tmp_path, kind, arch):
     net = models.build_model(kind, arch, latent_dim=3, hidden_dim=32, hidden_layers=2, activation="tanh")
     optimizer = torch.optim.Adam(net.parameters())
     path = tmp_path / "checkpoint.pt"
-    main.save_checkpoint(net, optimizer, dataclasses.replace(main.Config(), model=kind, arch=arch), 1, [],
+    runs.save_checkpoint(net, optimizer, dataclasses.asdict(dataclasses.replace(main.Config(), model=kind, arch=arch)), 1, [],
                          torch.Generator(), path)
     loaded = models.load_checkpoint(path, map_location="cpu")
     assert type(loaded) is type(net) and not loaded.training
@@ -181,7 +182,7 @@ def test_conv_checkpoints_from_before_the_channels_flag_still_load():
     import main
     ckpt = torch.load(ROOT / "checkpoints" / "vae-conv-binarized.pt", weights_only=True)
     assert "conv_channels" not in ckpt["model_args"]
-    net, _ = main.read_checkpoint(ROOT / "checkpoints" / "vae-conv-binarized.pt", torch.device("cpu"))
+    net, _ = runs.read_checkpoint(ROOT / "checkpoints" / "vae-conv-binarized.pt", torch.device("cpu"))
     assert net.conv_channels == (32, 64) and models.model_args(net)["conv_channels"] == [32, 64]
     cfg = main.saved_config(main.Config(), set(), ckpt, main.EVALUABLE, "checkpoint")
     assert cfg.conv_channels == "32,64"

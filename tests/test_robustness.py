@@ -15,6 +15,11 @@ import torch
 
 from conftest import ROOT
 import main
+import data
+import judge
+import models
+import runs
+import viz
 from test_cli import ONE_THREAD, main_in_process, run_main
 
 TINY = ["--model", "vae", "--batch-size", 16, "--val-size", 16, "--latent-dim", 3, "--iw-samples", 5]
@@ -24,7 +29,7 @@ TINY = ["--model", "vae", "--batch-size", 16, "--val-size", 16, "--latent-dim", 
 def no_pictures(monkeypatch):
     """Runs in this process skip the pictures (tests/test_cli.py and test_viz.py check those);
     a subprocess draws them as always."""
-    monkeypatch.setattr(main, "draw", lambda *args, **kwargs: None)
+    monkeypatch.setattr(viz, "draw_run", lambda *args, **kwargs: None)
 
 
 @pytest.fixture(autouse=True)
@@ -107,6 +112,7 @@ import pathlib, sys, time
 import torch
 sys.path.insert(0, {root!r})
 import main
+import runs
 real, steps = main.elbo_terms, []
 
 def pausing(net, x, y, bf16=False):           # TINY: 5 training steps an epoch
@@ -119,7 +125,7 @@ def pausing(net, x, y, bf16=False):           # TINY: 5 training steps an epoch
     return real(net, x, y, bf16)
 
 main.elbo_terms = pausing
-main.stop_on_sigterm()
+runs.stop_on_sigterm()
 main.main(sys.argv[1:])
 """
 
@@ -260,28 +266,28 @@ def fake_accelerator(monkeypatch, kind, count=1, autocast=True):
 def test_auto_picks_whichever_accelerator_torch_reports(monkeypatch):
     for kind in ("cuda", "mps", "xpu"):
         fake_accelerator(monkeypatch, kind)
-        assert main.pick_device("auto") == torch.device(kind)
-        assert main.pick_device("cpu") == torch.device("cpu")            # the CPU is always allowed
+        assert runs.pick_device("auto") == torch.device(kind)
+        assert runs.pick_device("cpu") == torch.device("cpu")            # the CPU is always allowed
         other = "mps" if kind != "mps" else "cuda"
-        with pytest.raises(main.UsageError, match=f"{other} is not available .this machine's accelerator is {kind}"):
-            main.pick_device(other)
+        with pytest.raises(runs.UsageError, match=f"{other} is not available .this machine's accelerator is {kind}"):
+            runs.pick_device(other)
     fake_accelerator(monkeypatch, "cuda", count=2)
-    assert main.pick_device("cuda:1") == torch.device("cuda:1")
-    with pytest.raises(main.UsageError, match="there are only 2 cuda devices"):
-        main.pick_device("cuda:2")
+    assert runs.pick_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(runs.UsageError, match="there are only 2 cuda devices"):
+        runs.pick_device("cuda:2")
 
 
 def test_bf16_is_refused_where_the_device_has_no_autocast(monkeypatch):
     fake_accelerator(monkeypatch, "xla", autocast=False)
-    with pytest.raises(main.UsageError, match="--precision bf16 needs torch.autocast, which xla lacks"):
-        main.pick_device("auto", "bf16")
-    assert main.pick_device("auto", "fp32") == torch.device("xla")
+    with pytest.raises(runs.UsageError, match="--precision bf16 needs torch.autocast, which xla lacks"):
+        runs.pick_device("auto", "bf16")
+    assert runs.pick_device("auto", "fp32") == torch.device("xla")
 
 
 def test_adam_is_fused_on_the_devices_that_have_the_kernel():
     net = torch.nn.Linear(2, 2)
-    assert main.make_optimizer(net, 1e-3, 1e-8).defaults["fused"]
-    assert "cpu" in main.FUSED_ADAM_DEVICES and "mps" in main.FUSED_ADAM_DEVICES
+    assert models.make_optimizer(net, 1e-3, 1e-8).defaults["fused"]
+    assert "cpu" in models.FUSED_ADAM_DEVICES and "mps" in models.FUSED_ADAM_DEVICES
 
 
 def test_bad_conv_channels_get_one_line(tiny_mnist, tmp_path, capsys):
@@ -405,14 +411,14 @@ def test_the_writer_lock_has_one_holder_at_a_time(tmp_path, monkeypatch, flock):
     if flock:
         pytest.importorskip("fcntl")
     else:                                   # Windows: the file's existence is the lock
-        monkeypatch.setattr(main, "fcntl", None)
-    with main.writer_lock(tmp_path):
+        monkeypatch.setattr(runs, "fcntl", None)
+    with runs.writer_lock(tmp_path):
         assert (tmp_path / "writer.lock").read_text() == f"{os.getpid()}@{socket.gethostname()}"
-        with pytest.raises(main.UsageError, match="being written by another process") as refusal:
-            with main.writer_lock(tmp_path):
+        with pytest.raises(runs.UsageError, match="being written by another process") as refusal:
+            with runs.writer_lock(tmp_path):
                 pass
         assert ("delete" in str(refusal.value)) != flock     # only a file lock needs a hand to delete it
-    with main.writer_lock(tmp_path):        # released: the next holder takes it
+    with runs.writer_lock(tmp_path):        # released: the next holder takes it
         pass
     assert not (tmp_path / "writer.lock").exists()
 
@@ -427,7 +433,7 @@ def test_resume_keeps_a_cosine_runs_length(tiny_mnist, tmp_path, capsys):
 def test_a_disk_error_mid_run_gets_one_line_and_exit_code_1(tiny_mnist, tmp_path, capsys, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device", str(tmp_path / "checkpoint.pt"))
-    monkeypatch.setattr(main, "save_checkpoint", disk_full)
+    monkeypatch.setattr(runs, "save_checkpoint", disk_full)
     code, _, err = main_in_process(capsys, *TINY, "--epochs", 1, "--data-dir", tiny_mnist, "--out-dir", tmp_path)
     last = err.strip().splitlines()[-1]                   # after the progress bar
     assert code == 1 and last.startswith("error: cannot read or write") and "Traceback" not in err
@@ -436,7 +442,7 @@ def test_a_disk_error_mid_run_gets_one_line_and_exit_code_1(tiny_mnist, tmp_path
 
 def test_an_unreadable_cached_classifier_is_retrained(tiny_mnist, capsys):
     (tiny_mnist / "classifier.pt").write_bytes(b"not a checkpoint")
-    net, accuracy = main.load_classifier(tiny_mnist, torch.device("cpu"), seed=1)
+    net, accuracy = judge.load_classifier(tiny_mnist, torch.device("cpu"), seed=1)
     assert "cannot use" in capsys.readouterr().out and 0 <= accuracy <= 1
     assert torch.load(tiny_mnist / "classifier.pt", weights_only=True)["test_accuracy"] == accuracy
 
@@ -467,20 +473,20 @@ def test_eval_records_the_settings_it_used_not_the_checkpoints(trained_run, tiny
 
 def test_resuming_a_finished_run_keeps_its_final_report(trained_run, tiny_mnist, capsys, monkeypatch):
     first = json.loads((trained_run / "metrics.json").read_text())["final"]
-    real = main.train_and_evaluate
+    real = main.train_epoch
 
-    def interrupted_in_epoch_3(net, optimizer, cfg, sets, generator, epoch):
+    def interrupted_in_epoch_3(net, optimizer, x, y, cfg, generator, epoch):
         if epoch == 3:
             raise KeyboardInterrupt
-        return real(net, optimizer, cfg, sets, generator, epoch)
-    monkeypatch.setattr(main, "train_and_evaluate", interrupted_in_epoch_3)
+        return real(net, optimizer, x, y, cfg, generator, epoch)
+    monkeypatch.setattr(main, "train_epoch", interrupted_in_epoch_3)
     code, _, err = main_in_process(capsys, "--resume", trained_run / "checkpoint.pt", "--epochs", 3,
                                    "--data-dir", tiny_mnist)
     assert code == 130, err
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert "final" not in metrics                                # the resumed run has not finished
     assert metrics["earlier_finals"] == [{**first, "run_epochs": 1}]     # but the finished one's report stays
-    monkeypatch.setattr(main, "train_and_evaluate", real)
+    monkeypatch.setattr(main, "train_epoch", real)
     main.main(["--resume", str(trained_run / "checkpoint.pt"), "--epochs", "3", "--data-dir", str(tiny_mnist)])
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert metrics["final"]["iw_samples"] == 5 and metrics["earlier_finals"] == [{**first, "run_epochs": 1}]
@@ -495,8 +501,8 @@ def test_the_default_data_dir_is_the_projects_from_any_working_directory(tmp_pat
     metrics = json.loads((only_run(tmp_path / "out") / "metrics.json").read_text())
     assert metrics["config"]["data_dir"] == "data"       # as given: a moved run folder still finds its data
     # the default names the project's data/; any other relative path is read from the working directory
-    assert main.data_path("data") == ROOT / "data"
-    assert main.data_path("elsewhere/data") == Path("elsewhere/data")
+    assert data.data_path("data") == ROOT / "data"
+    assert data.data_path("elsewhere/data") == Path("elsewhere/data")
 
 
 def test_a_conv_run_from_before_the_channels_flag_resumes(tiny_mnist, tmp_path):
@@ -519,5 +525,5 @@ def test_read_json_gives_an_empty_object_for_anything_but_a_json_object(tmp_path
     # write_metrics and anomaly.summarize read metrics.json through it and expect a dict
     for text, expected in (('{"a": 1}', {"a": 1}), ("[1, 2]", {}), ("3", {}), ("not json", {})):
         (tmp_path / "m.json").write_text(text)
-        assert main.read_json(tmp_path / "m.json") == expected
-    assert main.read_json(tmp_path / "missing.json") == {}
+        assert runs.read_json(tmp_path / "m.json") == expected
+    assert runs.read_json(tmp_path / "missing.json") == {}

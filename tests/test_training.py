@@ -51,7 +51,7 @@ def test_dynamic_binarization_reaches_the_model_and_is_redrawn_each_epoch(monkey
     torch.manual_seed(0)
     net = models.build_model("vae", "mlp", latent_dim=2, hidden_dim=8)
     cfg = main.Config(batch_size=32, binarize=binarize)
-    optimizer = main.make_optimizer(net, cfg.lr, cfg.adam_eps)
+    optimizer = models.make_optimizer(net, cfg.lr, cfg.adam_eps)
     for epoch in (1, 2):         # one batch of the same 32 images per epoch, in order
         main.train_epoch(net, optimizer, x, torch.zeros(32, dtype=torch.long), cfg, None, epoch)
     if binarize == "none":
@@ -63,7 +63,7 @@ def test_dynamic_binarization_reaches_the_model_and_is_redrawn_each_epoch(monkey
 
 
 def test_cvae_test_nll_pairs_every_importance_sample_with_its_own_images_label():
-    """main.test_nll against the same estimate with the labels paired a second, explicit way:
+    """main.iw_nll against the same estimate with the labels paired a second, explicit way:
     losses.iw_log_px hands the decoder z sample-major, (k * n, latent_dim), so row s * n + i is a
     sample for image i; here every block of n rows is decoded with y itself."""
     torch.manual_seed(0)
@@ -77,7 +77,7 @@ def test_cvae_test_nll_pairs_every_importance_sample_with_its_own_images_label()
         return torch.cat([net.decode(block, y) for block in z.split(len(y))])
     with torch.no_grad(), models.seeded(x.device, 5):
         reference = losses.iw_log_px(x, lambda v: net.encode(v, y), decode_block_by_block, 8)
-    assert main.test_nll(net, x, y, k=8, seed=5) == pytest.approx(-reference.mean().item(), rel=1e-6)
+    assert main.iw_nll(net, x, y, k=8, seed=5) == pytest.approx(-reference.mean().item(), rel=1e-6)
     # which would catch a wrong pairing: image-major labels (repeat_interleave) score far apart
     with torch.no_grad(), models.seeded(x.device, 5):
         mispaired = losses.iw_log_px(x, lambda v: net.encode(v, y),
@@ -106,7 +106,7 @@ def test_training_lowers_the_neg_elbo_of_held_out_images():
     torch.manual_seed(0)
     net = models.build_model("vae", "mlp", latent_dim=4, hidden_dim=64)
     cfg = main.Config(batch_size=32, epochs=20, lr=3e-3)
-    optimizer = main.make_optimizer(net, cfg.lr, cfg.adam_eps)
+    optimizer = models.make_optimizer(net, cfg.lr, cfg.adam_eps)
     generator = torch.Generator().manual_seed(0)
     before = main.evaluate(net, x_test, y_test, seed=0)
     for epoch in range(1, cfg.epochs + 1):                 # 16 steps an epoch

@@ -3,6 +3,7 @@ checked against a second computation or against what they promise (conditioning,
 import pytest
 import torch
 
+import data
 import losses
 import main
 import models
@@ -158,11 +159,11 @@ def test_loss_curves_with_and_without_the_train_terms(tmp_path):
 def test_the_final_report_honours_max_batches_and_hands_the_gallery_every_image(monkeypatch):
     """final_report computes each test image's −ELBO once: the report's mean over the first
     --max-batches batches is evaluate()'s, and the gallery's scores cover the whole test set."""
-    monkeypatch.setattr(main, "EVAL_BATCH_SIZE", 16)
+    monkeypatch.setattr(data, "EVAL_BATCH_SIZE", 16)
     net = small_model("vae", "mlp", latent_dim=3)
     x, y = fake_test_set()                                                   # 64 images: 4 batches of 16
     cfg = main.Config(model="vae", iw_samples=0, max_batches=2, seed=3)
-    report, neg_elbo = main.final_report(net, cfg, 1, (None, None, (x, y)), None)
+    report, neg_elbo = main.final_report(net, cfg, 1, (x, y))
     assert neg_elbo.shape == (64,)
     assert report["test_neg_elbo"] == pytest.approx(main.evaluate(net, x, y, 3, max_batches=2)["test_neg_elbo"], rel=1e-6)
     assert report["test_neg_elbo"] == pytest.approx(neg_elbo[:32].mean().item(), rel=1e-6)

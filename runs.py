@@ -1,0 +1,297 @@
+"""A run on disk: its folder, the lock that keeps a second writer out, files written whole or not
+at all, checkpoints as plain dicts, the random states that make a resumed run continue exactly,
+the device a run uses, and how the command line ends (one line, an exit code).
+
+Nothing here knows main.py's Config: configurations arrive as plain dicts, models as nn.Modules.
+The machinery sits here so that main.py shows the training loop and not the plumbing around it.
+"""
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import torch
+
+import data
+import models
+
+try:
+    import fcntl          # the writer lock's flock (POSIX); Windows has none, see writer_lock
+except ImportError:
+    fcntl = None
+
+
+class UsageError(Exception):
+    """Bad input from the user: main() prints the message on one line and exits with code 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during training: the last finished epoch's checkpoint is on disk."""
+
+
+class Diverged(Exception):
+    """A non-finite loss or gradient: training stops, the last good checkpoint stays."""
+
+
+def fail(message, code=2):
+    """The end of a command that went wrong: one line on stderr, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def stop_on_sigterm():
+    """`kill PID` stops a run as Ctrl-C does (the last finished epoch kept, the resume command printed):
+    a job started in the background with nohup or & ignores SIGINT, so SIGTERM is how it is stopped."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+# ------------------------------------------------------------------------------------------------
+# Run folders and the writer lock
+# ------------------------------------------------------------------------------------------------
+def make_run_dir(out_dir, name):
+    """A new folder out_dir/name[-k]; never reuses one, so no run overwrites another."""
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        for k in range(1, 1000):
+            path = Path(out_dir) / (name if k == 1 else f"{name}-{k}")
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
+    except OSError as err:
+        raise UsageError(f"cannot create a run folder in {out_dir} ({err.strerror}): choose another --out-dir")
+    raise UsageError(f"{out_dir} already holds 999 runs named {name}: choose another --out-dir")
+
+
+@contextlib.contextmanager
+def writer_lock(run_dir):
+    """Hold run_dir/writer.lock while this process trains into run_dir, so that a second process
+    (the same run resumed twice) is refused instead of overwriting the first's checkpoints.
+
+    The lock is an flock(2) on the file, which the kernel releases when the process ends however it
+    ends (kill -9 included), so a lock left by a dead process is no lock, and two processes can never
+    both take over a stale one. The file holds "pid@host" only so the refusal can name the holder.
+    Without fcntl (Windows) the file's existence is the lock: a leftover from a crash is refused
+    until it is deleted by hand, as the message says; no guess about whether its process runs."""
+    lock = Path(run_dir) / "writer.lock"
+    f = open_lock(lock) if fcntl else open_exclusive(lock)
+    try:
+        f.write(f"{os.getpid()}@{socket.gethostname()}")
+        f.flush()
+        yield
+    finally:
+        if fcntl:
+            lock.unlink(missing_ok=True)   # before the unlock: a waiter that opened it sees it is stale
+            f.close()
+        else:
+            f.close()                      # Windows cannot delete a file that is still open
+            lock.unlink(missing_ok=True)
+
+
+def open_lock(lock):
+    """lock opened and flock-ed by this process, emptied; a UsageError if another process holds it."""
+    while True:
+        f = open(lock, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a process"
+            f.close()
+            raise lock_refusal(lock, holder) from None
+        if same_file(lock, f):
+            f.truncate(0)
+            return f
+        f.close()      # its last holder removed the file after we opened it: lock the new one
+
+
+def same_file(path, f):
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(f.fileno()))
+    except FileNotFoundError:
+        return False
+
+
+def open_exclusive(lock):
+    """Without flock: create the lock file, refusing if it exists."""
+    try:
+        return os.fdopen(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w")
+    except FileExistsError:
+        raise lock_refusal(lock, lock.read_text().strip()) from None
+
+
+def lock_refusal(lock, holder):
+    return UsageError(f"{lock.parent} is being written by another process ({holder}, {lock}): wait for it or "
+                      f"stop it" + ("" if fcntl else f"; if none runs there, delete {lock}"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Files written whole or not at all
+# ------------------------------------------------------------------------------------------------
+def save_atomic(write, path):
+    """Write through a temporary file and rename it, so a crash never leaves half a file at `path`."""
+    tmp = Path(str(path) + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:             # an error or Ctrl-C: no half-written file left behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_json(obj, path):
+    save_atomic(lambda p: p.write_text(json.dumps(obj, indent=2)), path)
+
+
+def read_json(path):
+    """The JSON object in path, or {} if there is none (it cannot be read, or holds another JSON value)."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def write_metrics(run_dir, config, net, history, **extra):
+    """run_dir/metrics.json: the configuration (a dict), the model's arguments, one row per epoch,
+    and extra. The `final` report of a finished run that is resumed is not dropped with the rewrite:
+    it moves to `earlier_finals`, with `run_epochs`, the epochs its run had then."""
+    path = Path(run_dir) / "metrics.json"
+    old = read_json(path)
+    earlier = old.get("earlier_finals", [])
+    if "final" in old:
+        run_epochs = old["epochs"][-1]["epoch"] if old.get("epochs") else None
+        earlier = earlier + [{**old["final"], "run_epochs": run_epochs}]
+    save_json({"config": config, "model_args": models.model_args(net), "epochs": history,
+               **({"earlier_finals": earlier} if earlier else {}), **extra}, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: plain dicts (weights, model_args, config, epoch, history; optimizer and random states)
+# ------------------------------------------------------------------------------------------------
+def save_checkpoint(net, optimizer, config, epoch, history, generator, path):
+    """A plain dict: weights, configuration (a dict), epoch and metrics so far; with an optimizer, also
+    its state and the random states that make a resumed run continue exactly as the uninterrupted one
+    would have (checkpoint.pt). best.pt has none of these: a run resumes from its last epoch only."""
+    ckpt = {"model": net.state_dict(), "model_args": models.model_args(net),
+            "config": config, "epoch": epoch, "history": history}
+    if optimizer is not None:
+        ckpt["optimizer"] = optimizer.state_dict()
+        ckpt["rng"] = {"torch": torch.get_rng_state(), "shuffle": generator.get_state(), **accelerator_rng()}
+    save_atomic(lambda p: torch.save(ckpt, p), path)
+
+
+def read_checkpoint(path, device):
+    """(the model it holds, in eval mode, on device; the checkpoint dict), or a UsageError that says
+    what is wrong."""
+    if not Path(path).is_file():
+        raise UsageError(f"no checkpoint at {path}: pass the path of a .pt file written by main.py")
+    try:
+        return models.read_checkpoint(path, map_location=device)
+    except models.ArchitectureMismatch as err:
+        raise UsageError(f"{path}: {err}") from None
+    except Exception as err:
+        raise UsageError(f"{path} is not a usable checkpoint of this project, it may be truncated "
+                         f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+
+
+def last_good(run_dir):
+    """What the run folder holds now, read from the disk, not from memory."""
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.is_file():
+        return "no epoch had finished, so there is no checkpoint"
+    return f"the last good checkpoint, {path}, holds epoch {torch.load(path, weights_only=True)['epoch']}"
+
+
+def accelerator_rng():
+    """{device type: [random state of each device]} of the accelerator, if any ({} on a CPU)."""
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    if accelerator is None:
+        return {}
+    module = torch.get_device_module(accelerator)
+    if hasattr(module, "get_rng_state_all"):                        # CUDA, XPU: one state per device
+        return {accelerator.type: module.get_rng_state_all()}
+    return {accelerator.type: [module.get_rng_state()]}              # MPS: a single device
+
+
+def restore_rng(rng, generator):
+    """Set the random states a checkpoint saved; an accelerator's only where the same kind is here
+    (a run moved from CUDA to the CPU continues with the CPU's stream, no longer bit for bit)."""
+    torch.set_rng_state(rng["torch"].cpu())
+    generator.set_state(rng["shuffle"].cpu())
+    for kind, states in accelerator_rng().items():
+        if len(rng.get(kind, [])) == len(states):
+            module = torch.get_device_module(kind)
+            if hasattr(module, "set_rng_state_all"):
+                module.set_rng_state_all([state.cpu() for state in rng[kind]])
+            else:
+                module.set_rng_state(rng[kind][0].cpu())
+
+
+# ------------------------------------------------------------------------------------------------
+# The device, stopping cleanly, and the exit codes
+# ------------------------------------------------------------------------------------------------
+def pick_device(name, precision="fp32"):
+    """--device: auto is the accelerator torch was built for and finds (CUDA, Apple MPS, Intel XPU,
+    ...), else the CPU; a named device must be that accelerator, or the CPU."""
+    accelerator = torch.accelerator.current_accelerator(check_available=True)      # None: CPU only
+    if name == "auto":
+        device = accelerator or torch.device("cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UsageError(f"--device {name}: not a device name; use auto, cpu, cuda, mps, xpu, ...") from None
+        here = f"this machine's accelerator is {accelerator.type}" if accelerator else "this machine has none"
+        if device.type != "cpu" and (accelerator is None or device.type != accelerator.type):
+            raise UsageError(f"--device {name} was asked for but {device.type} is not available ({here}): "
+                             f"use --device auto or cpu")
+        if device.type != "cpu" and (device.index or 0) >= torch.accelerator.device_count():
+            raise UsageError(f"--device {name}: there are only {torch.accelerator.device_count()} "
+                             f"{device.type} devices; use --device {device.type}")
+    if precision == "bf16" and not torch.amp.is_autocast_available(device.type):
+        raise UsageError(f"--precision bf16 needs torch.autocast, which {device.type} lacks: use --precision fp32")
+    return device
+
+
+@contextlib.contextmanager
+def stopping_cleanly(run_dir):
+    """Ctrl-C, `kill` or a diverged step inside: stop with one line that says what the run folder
+    holds on disk and how to continue; the finished epochs' checkpoints stay."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        saved = (run_dir / "checkpoint.pt").is_file()
+        hint = f"; continue with: python main.py --resume {run_dir / 'checkpoint.pt'}" if saved else ""
+        raise Interrupted(f"interrupted: {last_good(run_dir)}{hint}") from None
+    except Diverged as err:
+        raise Diverged(f"{err}; {last_good(run_dir)}") from None
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Whatever stops a command ends it with one line on stderr and an exit code: 2 for bad input,
+    1 for a run that failed (diverged, out of memory, disk), 130 for Ctrl-C or kill; no traceback."""
+    try:
+        yield
+    except (UsageError, data.DataError) as err:
+        fail(str(err))
+    except Diverged as err:
+        fail(str(err), code=1)
+    except torch.OutOfMemoryError as err:
+        fail(f"out of memory on the device ({str(err).splitlines()[0][:120]}): try a smaller --batch-size, "
+             f"or --device cpu; the checkpoints of finished epochs, if any, are in the run folder", code=1)
+    except Interrupted as err:
+        fail(str(err), code=130)
+    except OSError as err:
+        fail(f"cannot read or write {err.filename or 'a file'} ({err.strerror}): free some space or fix the "
+             f"permissions; the checkpoints of finished epochs, if any, are still in the run folder", code=1)
+    except KeyboardInterrupt:
+        fail("interrupted: what this step was writing is not saved; the checkpoints of finished epochs "
+             "are (python main.py --eval RUN/best.pt or RUN/checkpoint.pt redoes the final report)", code=130)
