@@ -132,6 +132,11 @@ def score_digit(net, d, x_test, y_test, k, seed):
             "is_anomaly": is_anomaly}
 
 
+def print_digit(d, result):
+    print(f"digit {d}: {result['train_images']} training images, {result['train_seconds']:.0f} s; AUROC % "
+          + ", ".join(f"{SCORE_NAMES[n]} {100 * a:.1f}" for n, a in result["auroc"].items()))
+
+
 def metrics(config, results):
     """The run's metrics.json: per digit its AUROCs and training facts, the means, the anchors.
     config: the run's configuration as a dict; results: {digit: score_digit's dict and more}."""

@@ -193,6 +193,11 @@ def metrics(result, iw_samples, n_images):
             "pyro_nn": PYRO_NN, "pyro_cvae": PYRO_CVAE}
 
 
+def print_report(report):
+    print(f"−log p(x) {report['neg_log_px']:.2f}; −log p(x_h|x_o) for 1 / 2 / 3 given quadrants: "
+          + " / ".join(f"{v:.2f}" for v in report["neg_cond_log_lik"].values()) + f" nats ({report['seconds']:.0f} s)")
+
+
 @torch.no_grad()
 def completions_figure(net, x, y, seed, path, n_samples=6):
     """For 1, 2, 3 given quadrants: one test digit per class, its input, and n_samples completions,

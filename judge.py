@@ -73,3 +73,14 @@ def sample_accuracy(net, classifier, seed, n_per_class=100):
         hits = classifier(net.sample(len(y), y)).argmax(1) == y
     per_digit = hits.view(net.n_classes, n_per_class).double().mean(1)
     return {"overall": hits.double().mean().item(), "per_digit": per_digit.tolist()}
+
+
+def judged_accuracy(net, data_dir, seed):
+    """sample_accuracy of the CVAE net by the judge cached in data_dir (trained there if absent),
+    printed on one line, with the judge's own test accuracy beside it."""
+    classifier, judge_accuracy = load_classifier(data_dir, net.enc_mu.weight.device, seed)
+    accuracy = sample_accuracy(net, classifier, seed)
+    print(f"samples labelled as the digit asked for: {100 * accuracy['overall']:.1f}% (per digit "
+          f"{' '.join(f'{100 * a:.0f}' for a in accuracy['per_digit'])}; judge's test accuracy "
+          f"{100 * judge_accuracy:.2f}%)")
+    return {**accuracy, "classifier_test_accuracy": judge_accuracy}

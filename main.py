@@ -35,81 +35,74 @@ from runs import UsageError
 # Hyperparameters: the one source of truth. Every field is also a flag (latent_dim -> --latent-dim).
 # Defaults are the PyTorch example's protocol (784-400-20, Adam 1e-3, batch 128, 10 epochs, seed 1).
 # ------------------------------------------------------------------------------------------------
+def option(default, help):
+    """A field of Config or Mode, and so a flag: its default and the help --help prints."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Config:
     # what to train
-    model: str = field(default="both", metadata={"help": "vae, cvae, or both (the VAE, then the CVAE)"})
-    arch: str = field(default="mlp", metadata={"help": "mlp (784-400-20) or conv (convolutions of 32, 64, 128 "
-                                               "channels, then a 500-unit dense layer; see --conv-channels)"})
-    latent_dim: int = field(default=20, metadata={"help": "size of z; with --model both the VAE's only (the "
-                                                  "CVAE's is --cvae-latent-dim)"})
-    cvae_latent_dim: int = field(default=2, metadata={"help": "size of the CVAE's z when --latent-dim is not given "
-                                                      "with --model cvae: small, so z holds the style and y the class"})
-    hidden_dim: int = field(default=0, metadata={"help": "units per dense hidden layer; 0 = the arch's default (mlp 400, conv 500)"})
-    conv_channels: str = field(default="32,64,128", metadata={"help": "conv arch: channels of the encoder's conv layers, "
-                                                            "mirrored by the decoder; the first two have stride 2 "
-                                                            "(28 -> 14 -> 7), the rest stride 1"})
-    hidden_layers: int = field(default=1, metadata={"help": "dense hidden layers in the encoder and in the decoder "
-                                                    "(IWAE's MNIST model: 2 layers of 200, tanh)"})
-    activation: str = field(default="relu", metadata={"help": "relu or tanh, after every hidden layer"})
+    model: str = option("both", "vae, cvae, or both (the VAE, then the CVAE)")
+    arch: str = option("mlp", "mlp (784-400-20) or conv (convolutions of 32, 64, 128 channels, then a 500-unit "
+                              "dense layer; see --conv-channels)")
+    latent_dim: int = option(20, "size of z; with --model both the VAE's only (the CVAE's is --cvae-latent-dim)")
+    cvae_latent_dim: int = option(2, "size of the CVAE's z when --latent-dim is not given with --model cvae: "
+                                     "small, so z holds the style and y the class")
+    hidden_dim: int = option(0, "units per dense hidden layer; 0 = the arch's default (mlp 400, conv 500)")
+    conv_channels: str = option("32,64,128", "conv arch: channels of the encoder's conv layers, mirrored by the "
+                                             "decoder; the first two have stride 2 (28 -> 14 -> 7), the rest "
+                                             "stride 1")
+    hidden_layers: int = option(1, "dense hidden layers in the encoder and in the decoder (IWAE's MNIST model: 2 "
+                                   "layers of 200, tanh)")
+    activation: str = option("relu", "relu or tanh, after every hidden layer")
     # how to train it
-    epochs: int = field(default=10, metadata={"help": "passes over the training images"})
-    batch_size: int = field(default=128, metadata={"help": "images per Adam step"})
-    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (at the start of the schedule)"})
-    lr_schedule: str = field(default="constant", metadata={"help": "constant, cosine (from lr in epoch 1 towards 0 after the last), or iwae "
-                                                          "(lr * 10^(-i/7) for 3^i epochs, i = 0..7, 3280 epochs; then the last rate)"})
-    adam_eps: float = field(default=1e-8, metadata={"help": "Adam's epsilon (IWAE used 1e-4)"})
-    beta: float = field(default=1.0, metadata={"help": "weight of the KL term in training; 1 = the true ELBO"})
-    warmup_epochs: int = field(default=0, metadata={"help": "KL warm-up: the KL weight rises from 0 to --beta over "
-                                                    "this many epochs; 0 = none"})
-    precision: str = field(default="fp32", metadata={"help": "fp32, or bf16: the networks run in bfloat16 during "
-                                                   "training (torch.autocast; the ELBO's terms and all evaluation "
-                                                   "stay float32); faster only where the CPU or GPU has bfloat16 "
-                                                   "arithmetic"})
-    binarize: str = field(default="none", metadata={"help": "none (grey pixels, the PyTorch example) or dynamic "
-                                                    "(training pixels redrawn ~ Bernoulli each use; val/test drawn once)"})
-    val_size: int = field(default=10000, metadata={"help": "the last this-many training images validate (best "
-                                                   "checkpoint, early stopping) instead of training; 0 = none"})
-    patience: int = field(default=0, metadata={"help": "stop when the validation ELBO has not improved for this many "
-                                               "epochs; 0 = never"})
-    seed: int = field(default=1, metadata={"help": "seeds initialisation, shuffling, z samples and pictures"})
+    epochs: int = option(10, "passes over the training images")
+    batch_size: int = option(128, "images per Adam step")
+    lr: float = option(1e-3, "Adam learning rate (at the start of the schedule)")
+    lr_schedule: str = option("constant", "constant, cosine (from lr in epoch 1 towards 0 after the last), or "
+                                          "iwae (lr * 10^(-i/7) for 3^i epochs, i = 0..7, 3280 epochs; then the "
+                                          "last rate)")
+    adam_eps: float = option(1e-8, "Adam's epsilon (IWAE used 1e-4)")
+    beta: float = option(1.0, "weight of the KL term in training; 1 = the true ELBO")
+    warmup_epochs: int = option(0, "KL warm-up: the KL weight rises from 0 to --beta over this many epochs; 0 = "
+                                   "none")
+    precision: str = option("fp32", "fp32, or bf16: the networks run in bfloat16 during training "
+                                    "(torch.autocast; the ELBO's terms and all evaluation stay float32); faster "
+                                    "only where the CPU or GPU has bfloat16 arithmetic")
+    binarize: str = option("none", "none (grey pixels, the PyTorch example) or dynamic (training pixels redrawn "
+                                   "~ Bernoulli each use; val/test drawn once)")
+    val_size: int = option(10000, "the last this-many training images validate (best checkpoint, early stopping) "
+                                  "instead of training; 0 = none")
+    patience: int = option(0, "stop when the validation ELBO has not improved for this many epochs; 0 = never")
+    seed: int = option(1, "seeds initialisation, shuffling, z samples and pictures")
     # evaluation and housekeeping
-    iw_samples: int = field(default=100, metadata={"help": "K of the importance-weighted test log-likelihood at the "
-                                                   "end (papers: 5000); 0 = skip"})
-    device: str = field(default="auto", metadata={"help": "auto (the accelerator torch finds: CUDA, MPS, XPU, ...; "
-                                                  "else the CPU), cpu, or a device such as cuda, cuda:1, mps, xpu"})
-    data_dir: str = field(default=data.DEFAULT_DATA_DIR, metadata={
-        "help": "folder holding MNIST/raw/; data (the default) is the data/ beside main.py (shipped), from any "
-                "working directory; any other relative path is read from the working directory"})
-    out_dir: str = field(default="results", metadata={"help": "each run writes a new folder in here"})
-    max_batches: int = field(default=0, metadata={"help": "every pass over a data set stops after this many batches "
-                                                  "(a training epoch: --batch-size images each; evaluation, "
-                                                  "likelihoods, anomaly scores, imputation: 1000 each), and the "
-                                                  "CVAE's judge is skipped: for smoke runs; 0 = all"})
+    iw_samples: int = option(100, "K of the importance-weighted test log-likelihood at the end (papers: 5000); 0 "
+                                  "= skip")
+    device: str = option("auto", "auto (the accelerator torch finds: CUDA, MPS, XPU, ...; else the CPU), cpu, or "
+                                 "a device such as cuda, cuda:1, mps, xpu")
+    data_dir: str = option(data.DEFAULT_DATA_DIR, "folder holding MNIST/raw/; data (the default) is the data/ "
+                                                  "beside main.py (shipped), from any working directory; any "
+                                                  "other relative path is read from the working directory")
+    out_dir: str = option("results", "each run writes a new folder in here")
+    max_batches: int = option(0, "every pass over a data set stops after this many batches (a training epoch: "
+                                 "--batch-size images each; evaluation, likelihoods, anomaly scores, imputation: "
+                                 "1000 each), and the CVAE's judge is skipped: for smoke runs; 0 = all")
 
 
 @dataclass
 class Mode:
     """What to do instead of training, at most one. Not hyperparameters: no checkpoint stores them."""
-    eval: str = field(default="", metadata={"help": "path to a checkpoint (.pt): evaluate and draw it, no training"})
-    resume: str = field(default="", metadata={"help": "path to a run's checkpoint.pt: continue that run where it stopped"})
-    compress: str = field(default="", metadata={"help": "path to a binarized VAE checkpoint: compress the binarized "
-                                                "test set by bits-back coding, decode it back, compare with "
-                                                "gzip/bz2/lzma/PNG (on the CPU)"})
-    decompress: str = field(default="", metadata={"help": "a file written by --compress: decode its images, "
-                                                  "with the model given by --checkpoint"})
-    checkpoint: str = field(default="", metadata={"help": "the VAE checkpoint --decompress decodes with (the one "
-                                                  "--compress used)"})
-    one_class: str = field(default="", metadata={"help": "anomaly detection: 'all' or digits like 3,8: a VAE per "
-                                                "digit, trained on that digit's training images only, scores the "
-                                                "test set (AUROC)"})
-    impute: str = field(default="", metadata={"help": "path to a binarized VAE's checkpoint: fill in hidden quadrants "
-                                             "of the binarized test digits and score them (-log p(x_h|x_o))"})
+    eval: str = option("", "a checkpoint (.pt): evaluate and draw it, no training")
+    resume: str = option("", "a run's checkpoint.pt: continue that run where it stopped")
+    compress: str = option("", "a binarized VAE's checkpoint: code the binarized test set by bits-back coding")
+    decompress: str = option("", "a file written by --compress: decode it with the model of --checkpoint")
+    checkpoint: str = option("", "the VAE checkpoint --decompress decodes with (the one --compress used)")
+    one_class: str = option("", "'all' or digits like 3,8: a VAE per digit trained on it alone scores the test set")
+    impute: str = option("", "a binarized VAE's checkpoint: fill in hidden quadrants of test digits, score them")
 
 
-# ------------------------------------------------------------------------------------------------
-# Training: the epoch loop
-# ------------------------------------------------------------------------------------------------
+# -------- Training: the epoch loop ----------------------------------------------------------------
 def train(kind, cfg, device, sets, resume=None):
     """Train one model (kind 'vae' or 'cvae'), write its run folder, return the folder.
     With resume = (net, checkpoint dict, run_dir): continue that run after the checkpoint's epoch."""
@@ -143,7 +136,10 @@ def train(kind, cfg, device, sets, resume=None):
                 if cfg.val_size:
                     row.update(evaluate(net, *val_set, cfg.seed, cfg.max_batches, prefix="val"))
                 row.update(evaluate(net, *test_set, cfg.seed, cfg.max_batches))
-                print_epoch(row)
+                val = f"  val {row['val_neg_elbo']:8.2f}" if cfg.val_size else ""
+                print(f"epoch {epoch:3d}  train -ELBO {row['train_neg_elbo']:8.2f}{val}  test -ELBO "
+                      f"{row['test_neg_elbo']:8.2f}  = recon {row['test_recon']:7.2f} + KL {row['test_kl']:6.2f}"
+                      f"   ({row['train_seconds']:.1f} s)")
                 if cfg.val_size and all(row["val_neg_elbo"] < h["val_neg_elbo"] for h in history):  # a new best
                     runs.save_checkpoint(net, None, config, epoch, history + [row], None, run_dir / "best.pt")
                 history.append(row)
@@ -168,15 +164,9 @@ def build_net(kind, cfg, device):
                               conv_channels(cfg)).to(device)
 
 
-def run_name(kind, cfg):
-    return f"{kind}-{cfg.arch}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def print_epoch(row):
-    val = f"  val {row['val_neg_elbo']:8.2f}" if "val_neg_elbo" in row else ""
-    print(f"epoch {row['epoch']:3d}  train -ELBO {row['train_neg_elbo']:8.2f}{val}  test -ELBO "
-          f"{row['test_neg_elbo']:8.2f}  = recon {row['test_recon']:7.2f} + KL {row['test_kl']:6.2f}   "
-          f"({row['train_seconds']:.1f} s)")
+def run_name(prefix, cfg=None):
+    """A new run folder's name: prefix-arch-seedS-date-time (prefix-date-time without a cfg)."""
+    return "-".join([prefix, *([cfg.arch, f"seed{cfg.seed}"] if cfg else []), time.strftime("%Y%m%d-%H%M%S")])
 
 
 def stop_early(history, patience):
@@ -186,9 +176,7 @@ def stop_early(history, patience):
     return len(history) - 1 - best >= patience
 
 
-# ------------------------------------------------------------------------------------------------
-# One epoch: the β-weighted negative ELBO, minimised by Adam
-# ------------------------------------------------------------------------------------------------
+# -------- One epoch: the β-weighted negative ELBO, minimised by Adam ------------------------------
 def elbo_terms(net, x, y, bf16=False):
     """(elbo, log_px, kl) per image, one z ~ q sampled per image: AEVB Eq. 10, or its conditional form.
     bf16: the networks' matrix products in bfloat16 (autocast); the ELBO's terms always in float32."""
@@ -242,7 +230,8 @@ def train_epoch(net, optimizer, x, y, cfg, generator, epoch):
             loss = -(log_px - beta * kl).mean()        # −(log p(x|z) − β KL), averaged over the batch
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            finite &= torch.isfinite(loss + grad_norm(net))
+            grad_norm = torch.stack([p.grad.norm() for p in net.parameters() if p.grad is not None]).norm()
+            finite &= torch.isfinite(loss + grad_norm)
             if (step + 1) % check_every == 0 or step + 1 == steps:
                 check_finite(finite, loss, epoch, (checked + 1, step + 1), cfg.lr)
                 checked = step + 1
@@ -253,10 +242,6 @@ def train_epoch(net, optimizer, x, y, cfg, generator, epoch):
                 bar.set_postfix_str(f"-ELBO {-elbo.mean().item():.1f}", refresh=False)
     neg_elbo, recon, kl = (sums / count).tolist()
     return {"train_neg_elbo": neg_elbo, "train_recon": recon, "train_kl": kl}
-
-
-def grad_norm(net):
-    return torch.stack([p.grad.norm() for p in net.parameters() if p.grad is not None]).norm()
 
 
 def check_finite(finite, loss, epoch, batches, lr):
@@ -270,9 +255,7 @@ def check_finite(finite, loss, epoch, batches, lr):
                         f"the learning rate (--lr {lr:g}) is too high; lower it, or try --warmup-epochs")
 
 
-# ------------------------------------------------------------------------------------------------
-# Evaluation: the test −ELBO, the importance-weighted log-likelihood [IWAE], the latent diagnostics
-# ------------------------------------------------------------------------------------------------
+# -------- Evaluation: the test −ELBO, the IW log-likelihood [IWAE], the latent diagnostics ----------
 @torch.no_grad()
 def elbo_per_image(net, x, y, seed, max_batches=0):
     """(elbo, log_px, kl) of each image of (x, y), nats, one z ~ q per image, seeded: shape (3, n).
@@ -340,23 +323,16 @@ def final_report(net, cfg, epoch, test_set):
         nll = iw_nll(net, x_test, y_test, cfg.iw_samples, cfg.seed, cfg.max_batches)
         report.update(iw_samples=cfg.iw_samples, test_nll=nll, test_bits_per_dim=losses.bits_per_dim(nll))
     report.update(latent_diagnostics(net, x_test, y_test, cfg.max_batches))
-    line = f"test (epoch {epoch}): -ELBO {report['test_neg_elbo']:.2f}"
-    if cfg.iw_samples:
-        line += f", NLL {report['test_nll']:.2f} nats = {report['test_bits_per_dim']:.4f} bits/dim (K = {cfg.iw_samples})"
-    print(f"{line}, active units {report['active_units']}/{len(report['kl_per_dim'])}")
+    shown = (f", NLL {report['test_nll']:.2f} nats = {report['test_bits_per_dim']:.4f} bits/dim (K = {cfg.iw_samples})"
+             if cfg.iw_samples else "")
+    print(f"test (epoch {epoch}): -ELBO {report['test_neg_elbo']:.2f}{shown}, active units "
+          f"{report['active_units']}/{len(report['kl_per_dim'])}")
     if isinstance(net, models.CVAE) and not cfg.max_batches:      # a smoke run's data would make a poor judge
-        classifier, judge_accuracy = judge.load_classifier(cfg.data_dir, x_test.device, cfg.seed)
-        accuracy = judge.sample_accuracy(net, classifier, cfg.seed)
-        report["sample_accuracy"] = {**accuracy, "classifier_test_accuracy": judge_accuracy}
-        print(f"samples labelled as the digit asked for: {100 * accuracy['overall']:.1f}% (per digit "
-              f"{' '.join(f'{100 * a:.0f}' for a in accuracy['per_digit'])}; judge's test accuracy "
-              f"{100 * judge_accuracy:.2f}%)")
+        report["sample_accuracy"] = judge.judged_accuracy(net, cfg.data_dir, cfg.seed)
     return report, -terms[0]
 
 
-# ------------------------------------------------------------------------------------------------
-# The modes: each reads its inputs, calls a library, writes one new run folder
-# ------------------------------------------------------------------------------------------------
+# -------- The modes: each reads its inputs, calls a library, writes one new run folder ------------
 # A resumed or evaluated run keeps its configuration; only these flags may change on the command line.
 RESUMABLE = {"epochs", "patience", "iw_samples", "device", "data_dir"}
 EVALUABLE = {"iw_samples", "seed", "device", "data_dir", "out_dir", "max_batches"}
@@ -369,12 +345,11 @@ def evaluate_checkpoint(path, cfg, given):
     net, ckpt = runs.read_checkpoint(path, device)        # refuse a bad checkpoint before loading data
     args = ckpt["model_args"]
     run_cfg = dataclasses.replace(saved_config(cfg, given, ckpt, EVALUABLE, "checkpoint"), val_size=0)
-    _, _, test_set = load_sets(run_cfg, device)
+    _, _, test_set = data.load_sets(run_cfg.data_dir, 0, run_cfg.binarize, device)
     run_dir = runs.make_run_dir(cfg.out_dir, "eval-" + run_name(args["model"], run_cfg))
     print(f"{path} (epoch {ckpt.get('epoch')}): writing {run_dir}")
     report, neg_elbo = final_report(net, run_cfg, ckpt.get("epoch"), test_set)
-    # "config": the settings this evaluation used (its --seed, --max-batches: a partial evaluation
-    # says so); "trained_config": the checkpoint's own, as it was trained
+    # "config": the settings this evaluation used (--seed, --max-batches); "trained_config": the checkpoint's
     runs.save_json({"checkpoint": str(path), "config": dataclasses.asdict(run_cfg),
                     "trained_config": ckpt.get("config"), "model_args": args, "eval": report,
                     "epochs": ckpt.get("history", [])}, run_dir / "metrics.json")
@@ -399,26 +374,16 @@ def resume_run(path, cfg, given):
                          f"epochs and would change under the epochs left; resume with --epochs {planned}, "
                          f"or start a new run")
     device = runs.pick_device(cfg.device, cfg.precision)     # the run's own, unless --device is given
-    return train(cfg.model, cfg, device, load_sets(cfg, device), (net.to(device), ckpt, Path(path).parent))
+    sets = data.load_sets(cfg.data_dir, cfg.val_size, cfg.binarize, device)
+    return train(cfg.model, cfg, device, sets, (net.to(device), ckpt, Path(path).parent))
 
 
 def saved_config(cfg, given, ckpt, may_change, what):
     """The checkpoint's configuration, with the flags in may_change taken from the command line; a
-    flag outside it that differs from the checkpoint is refused. Unknown keys (a past version's mode
-    flags, a future version's fields) are dropped, missing ones take today's defaults."""
-    fields = {f.name for f in dataclasses.fields(Config)}
-    stored = {k: v for k, v in (ckpt.get("config") or {}).items() if k in fields}
-    if stored.get("arch") == "conv" and "conv_channels" not in stored:   # written before the flag existed,
-        args = ckpt["model_args"]                                        # when hidden_dim 0 meant 256
-        stored.update(conv_channels=",".join(map(str, args.get("conv_channels") or models.LEGACY_CONV_CHANNELS)),
-                      hidden_dim=args["hidden_dim"])
-    saved = Config(**{**dataclasses.asdict(Config()), **stored})
-    for name in sorted(given & CONFIG_FIELDS - may_change):
-        if getattr(cfg, name) != getattr(saved, name):
-            raise UsageError(f"{flag(name)} {getattr(cfg, name)} differs from the {what}'s {getattr(saved, name)}; "
-                             f"the {what} keeps its configuration (only "
-                             f"{', '.join(sorted(flag(n) for n in may_change))} may change)")
-    return dataclasses.replace(saved, **{name: getattr(cfg, name) for name in given & may_change})
+    flag outside it that differs from the checkpoint is refused (runs.merge_config)."""
+    merged = runs.merge_config(ckpt, dataclasses.asdict(Config()), {n: getattr(cfg, n) for n in given & CONFIG_FIELDS},
+                               may_change, what)
+    return Config(**merged)
 
 
 def one_class(digits, cfg, device):
@@ -442,8 +407,7 @@ def one_class(digits, cfg, device):
         results[d] = {"train_images": int((y_train == d).sum()), "train_seconds": seconds,
                       "final_train_neg_elbo": history[-1]["train_neg_elbo"],
                       **anomaly.score_digit(net, d, x_test, y_test, cfg.iw_samples, cfg.seed)}
-        print(f"digit {d}: {results[d]['train_images']} training images, {seconds:.0f} s; AUROC % " + ", ".join(
-            f"{anomaly.SCORE_NAMES[n]} {100 * a:.1f}" for n, a in results[d]["auroc"].items()))
+        anomaly.print_digit(d, results[d])
         runs.save_json(anomaly.metrics(dataclasses.asdict(cfg), results), run_dir / "metrics.json")
     anomaly.roc_figure(results, run_dir / "roc.png", f"One-class MNIST: a VAE ({cfg.arch}) per digit, {cfg.epochs} "
                        f"epochs, binarize {cfg.binarize}; anomalies = the 9 other digits of the test set")
@@ -473,7 +437,7 @@ def impute(path, cfg, device):
         raise UsageError("--impute estimates log-likelihoods: give --iw-samples 1 or more")
     _, _, (x_test, y_test) = data.load_sets(cfg.data_dir, 0, "dynamic", device)
     x_test, y_test = x_test[:cfg.max_batches * data.EVAL_BATCH_SIZE or None], y_test[:len(x_test)]
-    run_dir = runs.make_run_dir(cfg.out_dir, f"impute-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = runs.make_run_dir(cfg.out_dir, run_name("impute", cfg))
     print(f"{path}: −log p(x_h|x_o) of {len(x_test)} binarized test digits, K = {cfg.iw_samples}, "
           f"{imputation.N_CHAINS} chains of {imputation.CHAIN_STEPS} steps, {imputation.FIT_STEPS} fitting "
           f"steps; writing {run_dir}")
@@ -481,8 +445,7 @@ def impute(path, cfg, device):
     result = imputation.conditional_nll(net, x_test, cfg.iw_samples, cfg.seed)
     report = {"checkpoint": str(path), "config": dataclasses.asdict(cfg),
               **imputation.metrics(result, cfg.iw_samples, len(x_test)), "seconds": time.perf_counter() - start}
-    print(f"−log p(x) {report['neg_log_px']:.2f}; −log p(x_h|x_o) for 1 / 2 / 3 given quadrants: "
-          + " / ".join(f"{v:.2f}" for v in report["neg_cond_log_lik"].values()) + f" nats ({report['seconds']:.0f} s)")
+    imputation.print_report(report)
     runs.save_json(report, run_dir / "metrics.json")
     imputation.completions_figure(net, x_test, y_test, cfg.seed, run_dir / "completions.png")
     return run_dir
@@ -496,7 +459,7 @@ def compress(path, cfg):
     x_test = bbans.binarized_test_set(cfg.data_dir)
     neg_elbo = evaluate(net, x_test, torch.zeros(len(x_test), dtype=torch.long),
                         (ckpt.get("config") or {}).get("seed", 1))["test_neg_elbo"]
-    run_dir = runs.make_run_dir(cfg.out_dir, f"bbans-vae-{ckpt['model_args']['arch']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = runs.make_run_dir(cfg.out_dir, run_name(f"bbans-vae-{ckpt['model_args']['arch']}"))
     return bbans.compress_command(path, net, x_test, neg_elbo, run_dir)
 
 
@@ -506,18 +469,12 @@ def decompress(compressed, checkpoint, cfg):
     net, ckpt = runs.read_checkpoint(checkpoint, torch.device("cpu"))
     bbans.check_vae(checkpoint, ckpt)
     x_bits, seconds = bbans.decompress_command(compressed, net)
-    run_dir = runs.make_run_dir(cfg.out_dir, f"bbans-decompress-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = runs.make_run_dir(cfg.out_dir, run_name("bbans-decompress"))
     bbans.write_decompressed(compressed, checkpoint, x_bits, seconds, run_dir)
     return run_dir
 
 
-def load_sets(cfg, device):
-    return data.load_sets(cfg.data_dir, cfg.val_size, cfg.binarize, device)
-
-
-# ------------------------------------------------------------------------------------------------
-# The command line: flags, their checks, and one line with an exit code for whatever goes wrong
-# ------------------------------------------------------------------------------------------------
+# -------- The command line: flags, their checks, and one line with an exit code for whatever goes wrong ---
 CHOICES = {"model": ["vae", "cvae", "both"], "arch": ["mlp", "conv"],
            "activation": ["relu", "tanh"], "lr_schedule": ["constant", "cosine", "iwae"],
            "binarize": ["none", "dynamic"], "precision": ["fp32", "bf16"]}
@@ -535,19 +492,14 @@ def make_parser(with_defaults=True):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      argument_default=None if with_defaults else argparse.SUPPRESS,
                                      fromfile_prefix_chars="@")
-    parser.convert_arg_line_to_args = recipe_line
+    # a line of a recipe file (python main.py @configs/NAME.args): flags and values; # starts a comment
+    parser.convert_arg_line_to_args = lambda line: line.split("#", 1)[0].split()
     for f in dataclasses.fields(Config) + dataclasses.fields(Mode):
         parser.add_argument("--" + f.name.replace("_", "-"), type=f.type, choices=CHOICES.get(f.name),
                             help=f"{f.metadata['help']} (default: {f.default!r})",
                             **({"default": f.default} if with_defaults else {}))
     parser.error = lambda message: runs.fail(f"{message} (see python main.py --help)")
     return parser
-
-
-def recipe_line(line):
-    """One line of a recipe file (python main.py @configs/NAME.args): flags and values separated by
-    spaces; a # starts a comment."""
-    return line.split("#", 1)[0].split()
 
 
 def parse_args(argv=None):
@@ -563,47 +515,43 @@ def parse_args(argv=None):
     return cfg, Mode(**{k: v for k, v in args.items() if k not in CONFIG_FIELDS}), given
 
 
-def flag(name):
-    return "--" + name.replace("_", "-")
-
-
 def check_mode(cfg, mode, given):
     """The one mode asked for (None: train), or a UsageError if two are, or if a flag given with it
     would mean nothing there."""
     chosen = [f.name for f in dataclasses.fields(Mode) if f.name != "checkpoint" and getattr(mode, f.name)]
     if len(chosen) > 1:
-        raise UsageError(f"{flag(chosen[0])} and {flag(chosen[1])} exclude each other: give one of them")
+        raise UsageError(f"{runs.flag(chosen[0])} and {runs.flag(chosen[1])} exclude each other: give one of them")
     name = chosen[0] if chosen else None
     if bool(mode.checkpoint) != (name == "decompress"):
         raise UsageError("--decompress FILE needs --checkpoint CKPT (the model it was compressed with), "
                          "and --checkpoint serves only --decompress")
     unused = sorted(given & CONFIG_FIELDS - MODE_READS.get(name, CONFIG_FIELDS))
     if unused:
-        raise UsageError(f"{flag(unused[0])} means nothing with {flag(name)}, which reads only "
-                         f"{', '.join(sorted(map(flag, MODE_READS[name]))) or 'its own flags'}: drop it")
+        raise UsageError(f"{runs.flag(unused[0])} means nothing with {runs.flag(name)}, which reads only "
+                         f"{', '.join(sorted(map(runs.flag, MODE_READS[name]))) or 'its own flags'}: drop it")
     if name == "one_class":
         if cfg.model == "cvae":
             raise UsageError("--one-class trains unconditional VAEs (a CVAE would be told the digit): use --model vae")
         for unused in ("val_size", "patience"):            # 0, what one-class does anyway, is accepted
             if unused in given and getattr(cfg, unused):
-                raise UsageError(f"{flag(unused)} means nothing with --one-class, which trains on all of each "
+                raise UsageError(f"{runs.flag(unused)} means nothing with --one-class, which trains on all of each "
                                  f"digit's training images with no validation set: drop it")
     return name
 
 
+LOWEST = {"epochs": 1, "batch_size": 1, "latent_dim": 1, "cvae_latent_dim": 1, "hidden_layers": 1, "hidden_dim": 0,
+          "max_batches": 0, "warmup_epochs": 0, "val_size": 0, "patience": 0, "iw_samples": 0, "beta": 0}
+
+
 def check_config(cfg):
-    for name in ("epochs", "batch_size", "latent_dim", "cvae_latent_dim", "hidden_layers"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"{flag(name)} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("hidden_dim", "max_batches", "warmup_epochs", "val_size", "patience", "iw_samples"):
-        if getattr(cfg, name) < 0:
-            raise UsageError(f"{flag(name)} must be 0 or more, got {getattr(cfg, name)}")
+    for name, lowest in LOWEST.items():
+        if not getattr(cfg, name) >= lowest:               # `not >=`: a NaN --beta is refused too
+            raise UsageError(f"{runs.flag(name)} must be {'at least 1' if lowest else '0 or more'}, "
+                             f"got {getattr(cfg, name)}")
     for name in ("lr", "adam_eps"):
         if not getattr(cfg, name) > 0:
-            raise UsageError(f"{flag(name)} must be a positive number, got {getattr(cfg, name)}")
+            raise UsageError(f"{runs.flag(name)} must be a positive number, got {getattr(cfg, name)}")
     conv_channels(cfg)
-    if not cfg.beta >= 0:
-        raise UsageError(f"--beta must be 0 or more, got {cfg.beta}")
     if cfg.patience and not cfg.val_size:
         raise UsageError("--patience needs a validation set: give --val-size a positive value")
     if not SEED_RANGE[0] <= cfg.seed <= SEED_RANGE[1]:
@@ -626,10 +574,8 @@ def run(cfg, mode, given=frozenset()):
     """The mode asked for, or training; returns the run folders written."""
     name = check_mode(cfg, mode, given)
     check_config(cfg)
-    if name == "compress":
-        return [compress(mode.compress, cfg)]
-    if name == "decompress":
-        return [decompress(mode.decompress, mode.checkpoint, cfg)]
+    if name in ("compress", "decompress"):             # on the CPU, whatever --device says
+        return [compress(mode.compress, cfg) if mode.compress else decompress(mode.decompress, mode.checkpoint, cfg)]
     if name == "eval":
         return [evaluate_checkpoint(mode.eval, cfg, given)]
     if name == "resume":
@@ -639,7 +585,7 @@ def run(cfg, mode, given=frozenset()):
         return [one_class(mode.one_class, cfg, device)]
     if name == "impute":
         return [impute(mode.impute, cfg, device)]
-    sets = load_sets(cfg, device)
+    sets = data.load_sets(cfg.data_dir, cfg.val_size, cfg.binarize, device)
     kinds = ["vae", "cvae"] if cfg.model == "both" else [cfg.model]
     return [train(kind, cfg, device, sets) for kind in kinds]
 

@@ -36,6 +36,11 @@ class Diverged(Exception):
     """A non-finite loss or gradient: training stops, the last good checkpoint stays."""
 
 
+def flag(name):
+    """The command-line spelling of a configuration field: latent_dim -> --latent-dim."""
+    return "--" + name.replace("_", "-")
+
+
 def fail(message, code=2):
     """The end of a command that went wrong: one line on stderr, no traceback."""
     print(f"error: {message}", file=sys.stderr)
@@ -185,6 +190,24 @@ def save_checkpoint(net, optimizer, config, epoch, history, generator, path):
         ckpt["optimizer"] = optimizer.state_dict()
         ckpt["rng"] = {"torch": torch.get_rng_state(), "shuffle": generator.get_state(), **accelerator_rng()}
     save_atomic(lambda p: torch.save(ckpt, p), path)
+
+
+def merge_config(ckpt, defaults, given, may_change, what):
+    """The configuration (a dict) a resumed or evaluated checkpoint runs under: the one it stores,
+    with the values given on the command line for the names in may_change; a given value outside
+    may_change that differs from the stored one is refused. Unknown keys (a past version's mode
+    flags, a future version's fields) are dropped, missing ones take the defaults."""
+    stored = {k: v for k, v in (ckpt.get("config") or {}).items() if k in defaults}
+    if stored.get("arch") == "conv" and "conv_channels" not in stored:   # written before the flag existed,
+        args = ckpt["model_args"]                                        # when hidden_dim 0 meant 256
+        stored.update(conv_channels=",".join(map(str, args.get("conv_channels") or models.LEGACY_CONV_CHANNELS)),
+                      hidden_dim=args["hidden_dim"])
+    saved = {**defaults, **stored}
+    for name in sorted(set(given) - set(may_change)):
+        if given[name] != saved[name]:
+            raise UsageError(f"{flag(name)} {given[name]} differs from the {what}'s {saved[name]}; the {what} "
+                             f"keeps its configuration (only {', '.join(sorted(map(flag, may_change)))} may change)")
+    return {**saved, **{name: value for name, value in given.items() if name in may_change}}
 
 
 def read_checkpoint(path, device):
