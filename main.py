@@ -208,7 +208,9 @@ def kl_weight(step, steps_per_epoch, beta, warmup_epochs):
     return beta * min(1.0, step / (warmup_epochs * steps_per_epoch))
 
 
-SYNC_EVERY = 50      # on an accelerator, the NaN guard and the progress bar read the device this often
+# How often the NaN guard reads the device: every step on the CPU, where a read costs nothing, every
+# SYNC_EVERY-th on an accelerator, where each read stalls its queue of kernels (the bar reads it as often).
+SYNC_EVERY, GUARD_EVERY = 50, {"cpu": 1}
 
 
 def train_epoch(net, optimizer, x, y, cfg, generator, epoch):
@@ -216,9 +218,7 @@ def train_epoch(net, optimizer, x, y, cfg, generator, epoch):
     net.train()
     sums, count = torch.zeros(3, device=x.device), 0
     steps = data.n_batches(len(x), cfg.batch_size, cfg.max_batches)
-    # the NaN guard reads the device at every step on the CPU (where that costs nothing) and before
-    # every SYNC_EVERY-th step on an accelerator (where each read stalls the queue of kernels)
-    check_every = 1 if x.device.type == "cpu" else SYNC_EVERY
+    check_every = GUARD_EVERY.get(x.device.type, SYNC_EVERY)
     finite, checked = torch.ones((), dtype=torch.bool, device=x.device), 0
     with tqdm(data.batches(x, y, cfg.batch_size, generator, cfg.max_batches),
               total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False) as bar:   # closed on errors too

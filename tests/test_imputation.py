@@ -163,3 +163,38 @@ def test_impute_refuses_the_wrong_checkpoint(tiny_mnist, tmp_path, capsys, kind,
     err = capsys.readouterr().err
     assert exit.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+# A toy where every estimate's mean is known: one pixel x = 1 with p(x|z) = σ(3z + 1), z ~ N(0, 1),
+# so p(x) = ∫ σ(3z + 1) N(z; 0, 1) dz (a 1-d integral, exact on the grid); M = 2 components
+# N(∓2, 1.2²) (wide enough for a finite variance of the weights). Sample i comes from component
+# i mod 2, so K = 1 draws from the first only and K = 3, 5 give it one sample more than the second.
+TOY_MU = torch.tensor([-2.0, 2.0]).view(2, 1, 1)
+TOY_LOGVAR = torch.full((2, 1, 1), 2 * math.log(1.2))
+
+
+def toy_decode(z):
+    return 3 * z + 1                                                          # (m, 1) logits
+
+
+def toy_p_x():
+    density = torch.sigmoid(3 * GRID + 1) * Normal(0.0, 1.0).log_prob(GRID).exp()
+    return (density.sum() * DZ).item()
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_the_mixture_estimate_of_p_x_is_unbiased_for_any_k(k):
+    n = 200_000                                                              # independent estimates
+    torch.manual_seed(0)
+    log_p = imputation.mixture_iw_log_px(torch.ones(n, 1), TOY_MU.expand(2, n, 1), TOY_LOGVAR.expand(2, n, 1),
+                                         toy_decode, k)
+    p_hat = log_p.double().exp()                                             # E[p̂] = p(x): unbiased
+    mean, stderr = p_hat.mean().item(), (p_hat.std() / math.sqrt(n)).item()
+    assert abs(mean - toy_p_x()) < 4 * stderr
+    if k == 1:
+        # what weighting every sample by the equal-weight mixture, as if both components had drawn,
+        # gives in expectation: ∫ p(x, z) q_1(z) / (½ q_1(z) + ½ q_2(z)) dz, far from p(x)
+        q = Normal(TOY_MU.view(2, 1).double(), 1.2).log_prob(GRID).exp()      # (2, grid)
+        joint = torch.sigmoid(3 * GRID + 1) * Normal(0.0, 1.0).log_prob(GRID).exp()
+        equal_weights = (joint * q[0] / q.mean(0)).sum().item() * DZ
+        assert abs(equal_weights - toy_p_x()) > 10 * stderr
