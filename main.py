@@ -437,7 +437,7 @@ def impute(path, cfg, device):
         raise UsageError("--impute estimates log-likelihoods: give --iw-samples 1 or more")
     _, _, (x_test, y_test) = data.load_sets(cfg.data_dir, 0, "dynamic", device)
     x_test, y_test = x_test[:cfg.max_batches * data.EVAL_BATCH_SIZE or None], y_test[:len(x_test)]
-    run_dir = runs.make_run_dir(cfg.out_dir, run_name("impute", cfg))
+    run_dir = runs.make_run_dir(cfg.out_dir, run_name("impute", dataclasses.replace(cfg, arch=net.arch)))
     print(f"{path}: −log p(x_h|x_o) of {len(x_test)} binarized test digits, K = {cfg.iw_samples}, "
           f"{imputation.N_CHAINS} chains of {imputation.CHAIN_STEPS} steps, {imputation.FIT_STEPS} fitting "
           f"steps; writing {run_dir}")
