@@ -30,6 +30,7 @@ except ImportError:
 
 import bbans
 import data
+import explorer
 import losses
 import models
 import viz
@@ -561,6 +562,8 @@ def draw(net, test, history, report, neg_elbo, run_dir, seed):
     # the KL per dimension of the report orders the traversals and draws kl_per_dim.png: one computation
     viz.gallery(net, x_test, y_test, history, run_dir, seed, report["kl_per_dim"], neg_elbo)
     viz.kl_bars(report["kl_per_dim"], report["unit_variance"], run_dir / "kl_per_dim.png", viz.model_title(net))
+    explorer.write_explorer(net, x_test, y_test, report, run_dir / "explorer.html", report["kl_per_dim"],
+                            pictures=sorted(p.name for p in run_dir.glob("*.png")), seed=seed)
 
 
 def save_checkpoint(net, optimizer, cfg, epoch, history, generator, path):
