@@ -94,43 +94,59 @@ def latent_points(net, x, y, seed):
     all latent dimensions (float16), and their labels as a string of digits."""
     with seeded(torch.device("cpu"), seed):
         idx = torch.randperm(len(x))[:N_POINTS]
-    mu, _ = net.encode(x[idx], labels_or_none(net, y[idx]))
+    mu = posterior_means(net, x[idx], y[idx])
     return {"n": len(idx), "mu": b64(mu.numpy(), "<f2"), "labels": "".join(str(int(d)) for d in y[idx])}
+
+
+def pixel_means(net, z, y):
+    return torch.sigmoid(net.decode(z, labels_or_none(net, y))).flatten(1)     # σ(logits), (n, 784)
+
+
+def posterior_means(net, x, y):
+    return net.encode(x, labels_or_none(net, y))[0]                          # μ of q(z|x), (n, latent_dim)
+
+
+def as_list(t):
+    return np.round(t.numpy().astype(float), 7).tolist()
+
+
+def derived_seed(seed, k):
+    """The k-th seed after `seed`, still in torch.manual_seed's range [0, 2^64)."""
+    return (seed + k) % 2 ** 64
 
 
 @torch.no_grad()
 def self_test_cases(net, net16, x, y, seed):
     """Codes and digits with PyTorch's answers on the page's own (float16) weights, and the same
     computed by the float32 model, so the page can state what the float16 rounding costs."""
-    with seeded(torch.device("cpu"), seed + 1):
+    with seeded(torch.device("cpu"), derived_seed(seed, 1)):
         z = torch.randn(N_CHECK_CODES, net.latent_dim)
         z_labels = torch.randint(0, 10, (N_CHECK_CODES,))
         idx = torch.randperm(len(x))[:N_CHECK_IMAGES]
-    images = (x[idx] * 255).round() / 255            # the page holds the digits as bytes
-    yz, yx = labels_or_none(net, z_labels), labels_or_none(net, y[idx])
-    means = lambda m: torch.sigmoid(m.decode(z, yz)).flatten(1)          # pixel means σ(logits)
-    mus = lambda m: m.encode(images, yx)[0]
-    r = lambda t: np.round(t.numpy().astype(float), 7).tolist()
-    return {"z": r(z), "z_labels": z_labels.tolist(), "means": r(means(net16)), "means_float32": r(means(net)),
-            "images": b64((images * 255).round().flatten(1).numpy(), "u1"), "image_labels": y[idx].tolist(),
-            "mu": r(mus(net16)), "mu_float32": r(mus(net))}
+    pixels = (x[idx] * 255).round()                 # the page holds the digits as bytes
+    images, labels = pixels / 255, y[idx]
+    return {"z": as_list(z), "z_labels": z_labels.tolist(),
+            "means": as_list(pixel_means(net16, z, z_labels)), "means_float32": as_list(pixel_means(net, z, z_labels)),
+            "images": b64(pixels.flatten(1).numpy(), "u1"), "image_labels": labels.tolist(),
+            "mu": as_list(posterior_means(net16, images, labels)),
+            "mu_float32": as_list(posterior_means(net, images, labels))}
 
 
 @torch.no_grad()
 def float16_error(net, net16, x, y, seed):
     """The largest change float16 weights make to the pixel means (N_FLOAT16 codes z ~ N(0, I)) and
     to the posterior means μ (N_FLOAT16 test digits)."""
-    with seeded(torch.device("cpu"), seed + 2):
+    with seeded(torch.device("cpu"), derived_seed(seed, 2)):
         z = torch.randn(N_FLOAT16, net.latent_dim)
-        yz = torch.randint(0, 10, (N_FLOAT16,))
+        z_labels = torch.randint(0, 10, (N_FLOAT16,))
         idx = torch.randperm(len(x))[:N_FLOAT16]
-    yz, yx = labels_or_none(net, yz), labels_or_none(net, y[idx])
-    pixels = (torch.sigmoid(net.decode(z, yz)) - torch.sigmoid(net16.decode(z, yz))).abs().max()
-    mu = (net.encode(x[idx], yx)[0] - net16.encode(x[idx], yx)[0]).abs().max()
+    pixels = (pixel_means(net, z, z_labels) - pixel_means(net16, z, z_labels)).abs().max()
+    mu = (posterior_means(net, x[idx], y[idx]) - posterior_means(net16, x[idx], y[idx])).abs().max()
     return {"pixel_means": pixels.item(), "mu": mu.item(), "n_codes": N_FLOAT16, "n_digits": len(idx)}
 
 
 def page_payload(net, x, y, metrics, kl_per_dim, pictures, seed):
+    """Everything the page shows, as plain JSON values (a CPU float32 copy of net does the work)."""
     net = copy.deepcopy(net).cpu().float().eval()
     x, y = x.detach().cpu().float(), y.detach().cpu()
     net16 = rounded_to_float16(net)
