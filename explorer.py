@@ -27,7 +27,8 @@ Hash parameters the page reads (for tests and demonstrations):
   #selftest           decode the embedded codes and encode the embedded digits, compare with PyTorch
   #z=z1,z2,...&y=d    decode that code (CVAE: with label d); the 784 pixel means go into #decoded
   #a=i&b=j&t=0.5      interpolate between embedded test digits i and j, z at fraction t
-  #demo=draw          draw a synthetic digit on the pad through the pad's pointer code path
+  #demo=draw          draw a "0" on the pad with synthetic pointer events (the pad's own handlers)
+  #drag=zx,zy         drag on the latent plane from the origin to (zx, zy), also with pointer events
 """
 import base64
 import copy
