@@ -41,7 +41,7 @@ def main_in_process(capsys, *args):
 
 
 def check_run_folder(run_dir, kind, epochs):
-    expected = {"checkpoint.pt", "best.pt", "metrics.json"} | pictures(kind)
+    expected = {"checkpoint.pt", "best.pt", "metrics.json", "explorer.html"} | pictures(kind)
     assert {p.name for p in run_dir.iterdir()} == expected
     for png in run_dir.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 500
@@ -102,7 +102,7 @@ def test_train_then_eval_writes_every_output(tiny_mnist, tmp_path, capsys, monke
                                    "--out-dir", out)
     assert code == 0, err
     (eval_dir,) = [p for p in out.iterdir() if p.name.startswith("eval-")]
-    assert {p.name for p in eval_dir.iterdir()} == {"metrics.json"} | (pictures(kind) if redraw else set())
+    assert {p.name for p in eval_dir.iterdir()} == {"metrics.json"} | (pictures(kind) | {"explorer.html"} if redraw else set())
     evaluation = json.loads((eval_dir / "metrics.json").read_text())["eval"]
     check_report(evaluation, kind)
     # same seed, same model, same test set: --eval reproduces the last epoch's test numbers

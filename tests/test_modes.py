@@ -218,7 +218,7 @@ def test_no_module_switches_matplotlibs_backend_or_writes_json_unsafely():
     for path in MODULES:
         text = path.read_text()
         assert "matplotlib.use(" not in text and "matplotlib.pyplot" not in imports(path), path.name
-        assert "json.dumps" not in text or path.stem in ("runs", "bbans"), path.name   # bbans: a hash only
+        assert "write_text(json.dumps" not in text or path.stem == "runs", path.name   # runs.save_json: atomic
 
 
 def test_no_function_outside_the_tests_is_named_like_a_test():
