@@ -114,3 +114,75 @@ def test_training_lowers_the_neg_elbo_of_held_out_images():
     after = main.evaluate(net, x_test, y_test, seed=0)
     assert after["test_neg_elbo"] < 0.5 * before["test_neg_elbo"]       # measured: 551 -> 213 nats
     assert 0 < after["test_kl"] < 50                                    # measured: 8 nats
+
+
+# ---------------------------------------------------------------------------------------------
+# β and the learning rate as the training loop applies them
+# ---------------------------------------------------------------------------------------------
+class TwoWeights(torch.nn.Module):
+    """A stand-in model with two weights: w[0] scales log p(x|z), w[1] scales the KL (below)."""
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([0.3, 0.7]))
+
+
+class RecordingOptimizer:
+    """Takes no step; notes the gradient each step would have used."""
+    def __init__(self, net):
+        self.net, self.grads = net, []
+
+    def zero_grad(self, set_to_none=True):
+        self.net.w.grad = None
+
+    def step(self):
+        self.grads.append(self.net.w.grad.clone())
+
+
+@pytest.mark.parametrize("beta,warmup_epochs", [(1.0, 0), (0.5, 0), (2.0, 2)])
+def test_the_optimizer_sees_minus_log_px_plus_beta_times_kl_with_the_warm_up(monkeypatch, beta, warmup_epochs):
+    """With log p(x|z) = −w₀ Σx and KL = w₁ (1 + mean x) per image, the gradient of the loss
+    −mean(log p(x|z) − β KL) is (mean Σx, β mean(1 + mean x)): the β of each step (kl_weight, counted
+    over the run) can be read off the gradient the optimizer is handed."""
+    batches = []
+
+    def linear_terms(net, x, y, bf16=False):
+        batches.append(x)
+        log_px, kl = -net.w[0] * x.flatten(1).sum(1), net.w[1] * (1 + x.flatten(1).mean(1))
+        return log_px - kl, log_px, kl
+    monkeypatch.setattr(main, "elbo_terms", linear_terms)
+    x = torch.rand(24, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    net, cfg = TwoWeights(), main.Config(batch_size=8, epochs=3, beta=beta, warmup_epochs=warmup_epochs)
+    optimizer = RecordingOptimizer(net)
+    for epoch in (1, 2, 3):                                      # 3 steps an epoch
+        main.train_epoch(net, optimizer, x, torch.zeros(24, dtype=torch.long), cfg, None, epoch)
+    assert len(optimizer.grads) == len(batches) == 9
+    betas = []
+    for step, (grad, xb) in enumerate(zip(optimizer.grads, batches)):
+        step_beta = main.kl_weight(step, 3, beta, warmup_epochs)
+        expected = torch.stack([xb.flatten(1).sum(1).mean(), step_beta * (1 + xb.flatten(1).mean(1)).mean()])
+        assert torch.allclose(grad, expected, rtol=1e-5), (step, grad, expected)
+        betas.append(step_beta)
+    if warmup_epochs:    # the warm-up reaches the loss: β rises from 0 over 6 steps, then stays at β
+        assert betas == pytest.approx([beta * min(1, s / 6) for s in range(9)])
+    else:
+        assert betas == [beta] * 9
+
+
+@pytest.mark.parametrize("schedule,epochs", [("cosine", 4), ("iwae", 5)])      # iwae: epochs 1 | 2-4 | 5
+def test_each_epoch_trains_at_the_scheduled_learning_rate(tiny_mnist, tmp_path, monkeypatch, schedule, epochs):
+    """main.train must set every parameter group's rate to lr_at(epoch) before the epoch's steps."""
+    import viz
+    seen, real = [], main.train_epoch
+
+    def recording(net, optimizer, x, y, cfg, generator, epoch):
+        seen.append((epoch, [group["lr"] for group in optimizer.param_groups]))
+        return real(net, optimizer, x, y, cfg, generator, epoch)
+    monkeypatch.setattr(main, "train_epoch", recording)
+    monkeypatch.setattr(viz, "draw_run", lambda *args, **kwargs: None)
+    main.main(list(map(str, ["--model", "vae", "--hidden-dim", 16, "--latent-dim", 2, "--lr", 2e-3,
+                             "--lr-schedule", schedule, "--epochs", epochs, "--max-batches", 1, "--val-size", 0,
+                             "--iw-samples", 0, "--data-dir", tiny_mnist, "--out-dir", tmp_path])))
+    assert [epoch for epoch, _ in seen] == list(range(1, epochs + 1))
+    for epoch, rates in seen:
+        assert rates == [pytest.approx(main.lr_at(epoch, 2e-3, schedule, epochs), rel=1e-12)]
+    assert len({rates[0] for _, rates in seen}) == (epochs if schedule == "cosine" else 3)   # it does change
