@@ -145,27 +145,47 @@ def wait_for(path, proc, limit=600):
 
 # SIGINT is Ctrl-C in a terminal; SIGTERM is `kill PID`, how a job started with nohup or & (which
 # ignores SIGINT) is stopped
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_or_kill_keeps_the_last_epoch_and_the_run_resumes_to_the_same_weights(tiny_mnist, tmp_path, stop,
+SIGNALS = [signal.SIGINT, signal.SIGTERM]
+
+
+@pytest.fixture(scope="module")
+def paused_children(tmp_path_factory):
+    """{signal: (child process, its folder)}: one paused child for each signal, started together so
+    that their start-ups (seconds of importing torch each) overlap; killed at the end if still there."""
+    children = {}
+    for stop in SIGNALS:
+        folder = tmp_path_factory.mktemp(f"signal{int(stop)}")
+        data_dir, out, marker = make_tiny_mnist(folder / "data"), folder / "run", folder / "waiting"
+        code = PAUSE_IN_EPOCH_2.format(root=str(ROOT), marker=str(marker))
+        with open(folder / "stderr.txt", "w") as stderr:
+            proc = subprocess.Popen([sys.executable, "-c", code, *map(str, TINY), "--epochs", "3",
+                                     "--data-dir", str(data_dir), "--out-dir", str(out)],
+                                    cwd=ROOT, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=stderr,
+                                    # a shell running us in the background ignores SIGINT, and its children
+                                    # inherit that; give the child the default, as a terminal would
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        children[stop] = proc, folder
+    yield children
+    for proc, _ in children.values():                               # never leave one running
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("stop", SIGNALS)
+def test_ctrl_c_or_kill_keeps_the_last_epoch_and_the_run_resumes_to_the_same_weights(paused_children, stop,
                                                                                       uninterrupted_3_epochs):
-    out, marker, log = tmp_path / "run", tmp_path / "waiting", tmp_path / "stderr.txt"
-    code = PAUSE_IN_EPOCH_2.format(root=str(ROOT), marker=str(marker))
-    with open(log, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-c", code, *map(str, TINY), "--epochs", "3",
-                                 "--data-dir", str(tiny_mnist), "--out-dir", str(out)],
-                                cwd=ROOT, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=stderr,
-                                # a shell running us in the background ignores SIGINT, and its children
-                                # inherit that; give the child the default, as a terminal would
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        try:
-            wait_for(marker, proc)
-            assert (only_run(out) / "checkpoint.pt").is_file()      # epoch 1's, seen on disk
-            proc.send_signal(stop)
-            proc.wait(timeout=120)
-        finally:                                                    # never leave it running
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    proc, folder = paused_children[stop]
+    out, marker, log = folder / "run", folder / "waiting", folder / "stderr.txt"
+    try:
+        wait_for(marker, proc)
+        assert (only_run(out) / "checkpoint.pt").is_file()          # epoch 1's, seen on disk
+        proc.send_signal(stop)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     err = log.read_text()
     assert proc.returncode == 130, err
     last = err.strip().splitlines()[-1]                   # after the progress bars on stderr
