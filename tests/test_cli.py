@@ -19,7 +19,7 @@ PAIRS = [(kind, arch) for kind in ("vae", "cvae") for arch in ("mlp", "conv")]
 
 
 # A subprocess runs with one thread: its numbers are compared bit for bit with runs in the test
-# process (which pins one thread too, tests/test_robustness.py), and float sums split over more
+# process (which pins one thread too, tests/conftest.py), and float sums split over more
 # threads, or over as many as MKL sees fit on a busy machine, round differently.
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 

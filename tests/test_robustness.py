@@ -31,22 +31,19 @@ TINY = ["--model", "vae", "--batch-size", 16, "--val-size", 16, "--latent-dim", 
 
 
 @contextlib.contextmanager
-def quiet_single_thread():
-    """Runs in this process skip the pictures (tests/test_cli.py and test_viz.py check those), and
-    use one thread: they are compared bit for bit with runs in a subprocess, which test_cli.ONE_THREAD
-    starts with one thread, and a float sum split over another number of threads (or over the threads
-    MKL leaves itself on a busy machine) rounds differently."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def no_pictures():
+    """Runs in this process skip the pictures (tests/test_cli.py and test_viz.py check those). Like
+    every test they run on one thread (tests/conftest.py), as the subprocesses do (test_cli.ONE_THREAD):
+    runs are compared bit for bit across the two, and a float sum split over another number of
+    threads rounds differently."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(viz, "draw_run", lambda *args, **kwargs: None)
         yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
-def no_pictures_one_thread():
-    with quiet_single_thread():
+def no_pictures_here():
+    with no_pictures():
         yield
 
 
@@ -202,7 +199,7 @@ def test_ctrl_c_or_kill_keeps_the_last_epoch_and_the_run_resumes_to_the_same_wei
 def uninterrupted_3_epochs(tmp_path_factory):
     """The run the stopped-and-resumed ones must match, trained once for both signals."""
     data_dir, out = make_tiny_mnist(tmp_path_factory.mktemp("data")), tmp_path_factory.mktemp("ref")
-    with quiet_single_thread():
+    with no_pictures():
         train_tiny(data_dir, out, "--epochs", 3)
     return only_run(out)
 
@@ -341,7 +338,7 @@ def test_an_output_directory_that_cannot_be_written_is_refused(tiny_mnist, tmp_p
 def trained_once(tmp_path_factory):
     """A 1-epoch run, trained once; the tests below get copies of it (trained_run)."""
     data_dir, out = make_tiny_mnist(tmp_path_factory.mktemp("data")), tmp_path_factory.mktemp("runs")
-    with quiet_single_thread():
+    with no_pictures():
         train_tiny(data_dir, out, "--epochs", 1)
     return only_run(out)
 

@@ -18,16 +18,6 @@ OLD_HISTORY = [{"epoch": e, "train_neg_elbo": 200.0 - e, "test_neg_elbo": 190.0 
 HISTORY = [{**h, "train_recon": 178.0 - h["epoch"], "train_kl": 22.0} for h in OLD_HISTORY]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Batches of 64 gain nothing from a second thread, and on a busy 2-core machine two threads
-    make the conv models several times slower; the test's own thread count is restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_model(kind, arch, latent_dim):
     torch.manual_seed(0)
     return models.build_model(kind, arch, latent_dim=latent_dim, hidden_dim=16).eval()
