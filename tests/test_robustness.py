@@ -2,8 +2,8 @@
 one-line errors, on tiny IDX files. Ctrl-C and kill are checked on a real process (a subprocess);
 everything else goes through main.main in this process, which is faster: main.main is what
 `python main.py` runs, exit codes arrive as SystemExit and the one-line errors on stderr."""
-import json
 import contextlib
+import json
 import os
 import shutil
 import signal
