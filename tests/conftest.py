@@ -5,9 +5,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The tests' batches and models are small: a second thread gains them nothing, and on a busy
+    2-core machine two threads make them several times slower. Runs compared bit for bit with a
+    subprocess need one thread anyway (tests/test_cli.py, ONE_THREAD)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def write_idx(path, array):

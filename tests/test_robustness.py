@@ -1,8 +1,11 @@
 """Never lose a run, never crash on bad input: resume, Ctrl-C, the NaN guard, determinism, and the
-one-line errors, on tiny IDX files. The promises are checked through the real command line (a
-subprocess); the runs they are compared with go through main.main in this process, which is faster."""
+one-line errors, on tiny IDX files. Ctrl-C and kill are checked on a real process (a subprocess);
+everything else goes through main.main in this process, which is faster: main.main is what
+`python main.py` runs, exit codes arrive as SystemExit and the one-line errors on stderr."""
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,34 +16,35 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, make_tiny_mnist
 import main
 import data
 import judge
 import models
 import runs
 import viz
-from test_cli import ONE_THREAD, main_in_process, run_main
+from test_cli import ONE_THREAD, main_in_process
 
-TINY = ["--model", "vae", "--batch-size", 16, "--val-size", 16, "--latent-dim", 3, "--iw-samples", 5]
+# 96 training images less 16 for validation: 5 steps of 16 an epoch, on a small MLP
+TINY = ["--model", "vae", "--batch-size", 16, "--val-size", 16, "--latent-dim", 3, "--hidden-dim", 32,
+        "--iw-samples", 5]
+
+
+@contextlib.contextmanager
+def no_pictures():
+    """Runs in this process skip the pictures (tests/test_cli.py and test_viz.py check those). Like
+    every test they run on one thread (tests/conftest.py), as the subprocesses do (test_cli.ONE_THREAD):
+    runs are compared bit for bit across the two, and a float sum split over another number of
+    threads rounds differently."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(viz, "draw_run", lambda *args, **kwargs: None)
+        yield
 
 
 @pytest.fixture(autouse=True)
-def no_pictures(monkeypatch):
-    """Runs in this process skip the pictures (tests/test_cli.py and test_viz.py check those);
-    a subprocess draws them as always."""
-    monkeypatch.setattr(viz, "draw_run", lambda *args, **kwargs: None)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Runs here are compared bit for bit with runs in a subprocess, which test_cli.run_main starts
-    with one thread: a float sum split over another number of threads (or over the threads MKL
-    leaves itself on a busy machine) rounds differently. So this process uses one thread too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def no_pictures_here():
+    with no_pictures():
+        yield
 
 
 def weights(path):
@@ -57,14 +61,9 @@ def without_timings(metrics):
     return {**metrics, "epochs": rows, "config": {**metrics["config"], "out_dir": None}}
 
 
-def train_tiny(data_dir, out, *args, real_cli=False):
-    """A tiny training run through a subprocess (real_cli) or through main.main in this process."""
-    argv = [*TINY, "--data-dir", data_dir, "--out-dir", out, *args]
-    if real_cli:
-        result = run_main(*argv)
-        assert result.returncode == 0, result.stderr
-    else:
-        main.main(list(map(str, argv)))           # exits (SystemExit) only on an error
+def train_tiny(data_dir, out, *args):
+    """A tiny training run through main.main in this process; it exits (SystemExit) only on an error."""
+    main.main(list(map(str, [*TINY, "--data-dir", data_dir, "--out-dir", out, *args])))
 
 
 def only_run(out):
@@ -73,10 +72,12 @@ def only_run(out):
 
 
 def test_same_seed_gives_bit_identical_runs_on_the_cpu(tiny_mnist, tmp_path):
+    # whatever ran before in this process (other tests' runs, their random draws) must not matter;
+    # the Ctrl-C test below compares a run finished here with one begun in another process
     runs = []
-    for name, real_cli in (("a", True), ("b", False)):       # in another process, and in this one
-        train_tiny(tiny_mnist, tmp_path / name, "--epochs", 2, "--binarize", "dynamic", "--device", "cpu",
-                   real_cli=real_cli)
+    for name in ("a", "b"):
+        torch.manual_seed(1234 if name == "a" else 4321)          # a different global state each time
+        train_tiny(tiny_mnist, tmp_path / name, "--epochs", 2, "--binarize", "dynamic", "--device", "cpu")
         runs.append(only_run(tmp_path / name))
     a, b = (json.loads((r / "metrics.json").read_text()) for r in runs)
     assert without_timings(a) == without_timings(b)
@@ -87,16 +88,16 @@ def test_same_seed_gives_bit_identical_runs_on_the_cpu(tiny_mnist, tmp_path):
     assert c["epochs"][-1]["train_neg_elbo"] != a["epochs"][-1]["train_neg_elbo"]
 
 
-def test_a_run_stopped_after_epoch_2_and_resumed_ends_exactly_like_the_uninterrupted_one(tiny_mnist, tmp_path):
+def test_a_run_stopped_after_epoch_2_and_resumed_ends_exactly_like_the_uninterrupted_one(tiny_mnist, tmp_path,
+                                                                                          capsys):
     # dynamic binarization, KL warm-up and the IWAE learning-rate schedule: every random stream and
     # every schedule must carry across the break (the IWAE schedule does not depend on --epochs)
     args = ["--binarize", "dynamic", "--warmup-epochs", 3, "--lr-schedule", "iwae"]
     train_tiny(tiny_mnist, tmp_path / "whole", "--epochs", 5, *args)
     train_tiny(tiny_mnist, tmp_path / "parts", "--epochs", 2, *args)
     whole, parts = only_run(tmp_path / "whole"), only_run(tmp_path / "parts")
-    result = run_main("--resume", parts / "checkpoint.pt", "--epochs", 5)
-    assert result.returncode == 0, result.stderr
-    assert "resuming" in result.stdout
+    main.main(["--resume", str(parts / "checkpoint.pt"), "--epochs", "5"])
+    assert "resuming" in capsys.readouterr().out
     assert same_weights(weights(parts / "checkpoint.pt"), weights(whole / "checkpoint.pt"))
     assert same_weights(weights(parts / "best.pt"), weights(whole / "best.pt"))
     a, b = (json.loads((r / "metrics.json").read_text()) for r in (whole, parts))
@@ -141,26 +142,47 @@ def wait_for(path, proc, limit=600):
 
 # SIGINT is Ctrl-C in a terminal; SIGTERM is `kill PID`, how a job started with nohup or & (which
 # ignores SIGINT) is stopped
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_or_kill_keeps_the_last_epoch_and_the_run_resumes_to_the_same_weights(tiny_mnist, tmp_path, stop):
-    out, marker, log = tmp_path / "run", tmp_path / "waiting", tmp_path / "stderr.txt"
-    code = PAUSE_IN_EPOCH_2.format(root=str(ROOT), marker=str(marker))
-    with open(log, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-c", code, *map(str, TINY), "--epochs", "3",
-                                 "--data-dir", str(tiny_mnist), "--out-dir", str(out)],
-                                cwd=ROOT, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=stderr,
-                                # a shell running us in the background ignores SIGINT, and its children
-                                # inherit that; give the child the default, as a terminal would
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        try:
-            wait_for(marker, proc)
-            assert (only_run(out) / "checkpoint.pt").is_file()      # epoch 1's, seen on disk
-            proc.send_signal(stop)
-            proc.wait(timeout=120)
-        finally:                                                    # never leave it running
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+SIGNALS = [signal.SIGINT, signal.SIGTERM]
+
+
+@pytest.fixture(scope="module")
+def paused_children(tmp_path_factory):
+    """{signal: (child process, its folder)}: one paused child for each signal, started together so
+    that their start-ups (seconds of importing torch each) overlap; killed at the end if still there."""
+    children = {}
+    for stop in SIGNALS:
+        folder = tmp_path_factory.mktemp(f"signal{int(stop)}")
+        data_dir, out, marker = make_tiny_mnist(folder / "data"), folder / "run", folder / "waiting"
+        code = PAUSE_IN_EPOCH_2.format(root=str(ROOT), marker=str(marker))
+        with open(folder / "stderr.txt", "w") as stderr:
+            proc = subprocess.Popen([sys.executable, "-c", code, *map(str, TINY), "--epochs", "3",
+                                     "--data-dir", str(data_dir), "--out-dir", str(out)],
+                                    cwd=ROOT, env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=stderr,
+                                    # a shell running us in the background ignores SIGINT, and its children
+                                    # inherit that; give the child the default, as a terminal would
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        children[stop] = proc, folder
+    yield children
+    for proc, _ in children.values():                               # never leave one running
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("stop", SIGNALS)
+def test_ctrl_c_or_kill_keeps_the_last_epoch_and_the_run_resumes_to_the_same_weights(paused_children, stop,
+                                                                                      uninterrupted_3_epochs):
+    proc, folder = paused_children[stop]
+    out, marker, log = folder / "run", folder / "waiting", folder / "stderr.txt"
+    try:
+        wait_for(marker, proc)
+        assert (only_run(out) / "checkpoint.pt").is_file()          # epoch 1's, seen on disk
+        proc.send_signal(stop)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     err = log.read_text()
     assert proc.returncode == 130, err
     last = err.strip().splitlines()[-1]                   # after the progress bars on stderr
@@ -170,14 +192,23 @@ def test_ctrl_c_or_kill_keeps_the_last_epoch_and_the_run_resumes_to_the_same_wei
     assert not (run_dir / "writer.lock").exists()          # nor a lock that would refuse the resume
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1 and "holds epoch 1" in err
     main.main(["--resume", str(run_dir / "checkpoint.pt"), "--epochs", "3"])
-    train_tiny(tiny_mnist, tmp_path / "ref", "--epochs", 3)         # the uninterrupted run
-    assert same_weights(weights(run_dir / "checkpoint.pt"), weights(only_run(tmp_path / "ref") / "checkpoint.pt"))
+    assert same_weights(weights(run_dir / "checkpoint.pt"), weights(uninterrupted_3_epochs / "checkpoint.pt"))
 
 
-def test_a_diverging_run_stops_with_epoch_and_batch_and_exit_code_1(tiny_mnist, tmp_path):
-    result = run_main(*TINY, "--epochs", 2, "--lr", 1e30, "--data-dir", tiny_mnist, "--out-dir", tmp_path)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    line = result.stderr.strip().splitlines()[-1]            # after the progress bar
+@pytest.fixture(scope="module")
+def uninterrupted_3_epochs(tmp_path_factory):
+    """The run the stopped-and-resumed ones must match, trained once for both signals."""
+    data_dir, out = make_tiny_mnist(tmp_path_factory.mktemp("data")), tmp_path_factory.mktemp("ref")
+    with no_pictures():
+        train_tiny(data_dir, out, "--epochs", 3)
+    return only_run(out)
+
+
+def test_a_diverging_run_stops_with_epoch_and_batch_and_exit_code_1(tiny_mnist, tmp_path, capsys):
+    code, _, err = main_in_process(capsys, *TINY, "--epochs", 2, "--lr", 1e30, "--data-dir", tiny_mnist,
+                                   "--out-dir", tmp_path)
+    assert code == 1 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]                      # after the progress bar
     assert "epoch 1, batch" in line and "--lr" in line and "no checkpoint" in line
 
 
@@ -303,10 +334,19 @@ def test_an_output_directory_that_cannot_be_written_is_refused(tiny_mnist, tmp_p
     assert code == 2 and "cannot create a run folder" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    """A 1-epoch run, trained once; the tests below get copies of it (trained_run)."""
+    data_dir, out = make_tiny_mnist(tmp_path_factory.mktemp("data")), tmp_path_factory.mktemp("runs")
+    with no_pictures():
+        train_tiny(data_dir, out, "--epochs", 1)
+    return only_run(out)
+
+
 @pytest.fixture
-def trained_run(tiny_mnist, tmp_path):
-    train_tiny(tiny_mnist, tmp_path / "runs", "--epochs", 1)
-    return only_run(tmp_path / "runs")
+def trained_run(trained_once, tmp_path):
+    """A copy of the 1-epoch run for a test to resume, damage or check was left alone."""
+    return shutil.copytree(trained_once, tmp_path / "runs" / trained_once.name)
 
 
 def test_truncated_checkpoint_is_refused_and_nothing_is_overwritten(trained_run, tiny_mnist, tmp_path, capsys):
@@ -324,7 +364,7 @@ def test_checkpoint_of_another_architecture_names_the_shapes(trained_run, tiny_m
     ckpt["model_args"]["latent_dim"] = 5                 # says latent 5, holds latent-3 weights
     torch.save(ckpt, tmp_path / "other.pt")
     code, _, err = main_in_process(capsys, "--eval", tmp_path / "other.pt", "--data-dir", tiny_mnist)
-    assert code == 2 and "another architecture" in err and "enc_mu.weight (3, 400) vs (5, 400)" in err
+    assert code == 2 and "another architecture" in err and "enc_mu.weight (3, 32) vs (5, 32)" in err
 
 
 def test_resume_refuses_a_changed_architecture_and_leaves_the_run_alone(trained_run, tiny_mnist, capsys):

@@ -93,10 +93,10 @@ def test_vae_sample_refuses_labels_and_log_bernoulli_refuses_an_unbatched_image(
         losses.log_bernoulli(torch.rand(784), torch.zeros(784))
 
 
-def test_training_lowers_the_neg_elbo_of_held_out_images():
-    """320 Adam steps of main.train_epoch on synthetic digits (a bar whose height is the label) must
-    lower the −ELBO of other images of that kind to below half its start. A flipped sign of the loss
-    (it diverges: the NaN guard stops it) or of β·KL (the KL grows without bound) fails here."""
+@pytest.fixture(scope="module")
+def trained_vae():
+    """(net, test −ELBO before training, x_test, y_test): 320 Adam steps of main.train_epoch on
+    synthetic digits (a bar whose height is the label), once for the tests below."""
     from conftest import fake_digits
 
     def as_tensors(n, seed):
@@ -111,6 +111,99 @@ def test_training_lowers_the_neg_elbo_of_held_out_images():
     before = main.evaluate(net, x_test, y_test, seed=0)
     for epoch in range(1, cfg.epochs + 1):                 # 16 steps an epoch
         main.train_epoch(net, optimizer, x, y, cfg, generator, epoch)
+    return net, before, x_test, y_test
+
+
+def test_training_lowers_the_neg_elbo_of_held_out_images(trained_vae):
+    """The trained model's −ELBO on other images of that kind must fall below half its start. A
+    flipped sign of the loss (it diverges: the NaN guard stops it) or of β·KL (the KL grows without
+    bound) fails here."""
+    net, before, x_test, y_test = trained_vae
     after = main.evaluate(net, x_test, y_test, seed=0)
     assert after["test_neg_elbo"] < 0.5 * before["test_neg_elbo"]       # measured: 551 -> 213 nats
     assert 0 < after["test_kl"] < 50                                    # measured: 8 nats
+
+
+def test_iw_nll_is_at_or_below_the_test_neg_elbo_of_a_trained_model(trained_vae):
+    """L_1 ≤ L_K ≤ L_M ≤ log p(x) for K ≤ M [IWAE Thm 1], in expectation: the mean IW NLL of 256
+    images (K = 10, 50) is at or below the −ELBO that evaluate reports, lower for the larger K, and
+    by no more than a few nats (measured: 213.2 −ELBO, 212.3 at K = 10, 212.2 at K = 50)."""
+    net, _, x_test, y_test = trained_vae
+    neg_elbo = main.evaluate(net, x_test, y_test, seed=0)["test_neg_elbo"]
+    nll_10, nll_50 = (main.iw_nll(net, x_test, y_test, k=k, seed=0) for k in (10, 50))
+    assert nll_50 < nll_10 < neg_elbo             # strictly: a K that did not reach the bound would tie
+    assert neg_elbo - nll_50 < 10
+    # K = 1 is the ELBO again (one z per image, the KL sampled rather than exact): the same within noise
+    assert main.iw_nll(net, x_test, y_test, k=1, seed=0) == pytest.approx(neg_elbo, abs=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# β and the learning rate as the training loop applies them
+# ---------------------------------------------------------------------------------------------
+class TwoWeights(torch.nn.Module):
+    """A stand-in model with two weights: w[0] scales log p(x|z), w[1] scales the KL (below)."""
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([0.3, 0.7]))
+
+
+class RecordingOptimizer:
+    """Takes no step; notes the gradient each step would have used."""
+    def __init__(self, net):
+        self.net, self.grads = net, []
+
+    def zero_grad(self, set_to_none=True):
+        self.net.w.grad = None
+
+    def step(self):
+        self.grads.append(self.net.w.grad.clone())
+
+
+@pytest.mark.parametrize("beta,warmup_epochs", [(1.0, 0), (0.5, 0), (2.0, 2)])
+def test_the_optimizer_sees_minus_log_px_plus_beta_times_kl_with_the_warm_up(monkeypatch, beta, warmup_epochs):
+    """With log p(x|z) = −w₀ Σx and KL = w₁ (1 + mean x) per image, the gradient of the loss
+    −mean(log p(x|z) − β KL) is (mean Σx, β mean(1 + mean x)): the β of each step (kl_weight, counted
+    over the run) can be read off the gradient the optimizer is handed."""
+    batches = []
+
+    def linear_terms(net, x, y, bf16=False):
+        batches.append(x)
+        log_px, kl = -net.w[0] * x.flatten(1).sum(1), net.w[1] * (1 + x.flatten(1).mean(1))
+        return log_px - kl, log_px, kl
+    monkeypatch.setattr(main, "elbo_terms", linear_terms)
+    x = torch.rand(24, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    net, cfg = TwoWeights(), main.Config(batch_size=8, epochs=3, beta=beta, warmup_epochs=warmup_epochs)
+    optimizer = RecordingOptimizer(net)
+    for epoch in (1, 2, 3):                                      # 3 steps an epoch
+        main.train_epoch(net, optimizer, x, torch.zeros(24, dtype=torch.long), cfg, None, epoch)
+    assert len(optimizer.grads) == len(batches) == 9
+    betas = []
+    for step, (grad, xb) in enumerate(zip(optimizer.grads, batches)):
+        step_beta = main.kl_weight(step, 3, beta, warmup_epochs)
+        expected = torch.stack([xb.flatten(1).sum(1).mean(), step_beta * (1 + xb.flatten(1).mean(1)).mean()])
+        assert torch.allclose(grad, expected, rtol=1e-5), (step, grad, expected)
+        betas.append(step_beta)
+    if warmup_epochs:    # the warm-up reaches the loss: β rises from 0 over 6 steps, then stays at β
+        assert betas == pytest.approx([beta * min(1, s / 6) for s in range(9)])
+    else:
+        assert betas == [beta] * 9
+
+
+@pytest.mark.parametrize("schedule,epochs", [("cosine", 4), ("iwae", 5)])      # iwae: epochs 1 | 2-4 | 5
+def test_each_epoch_trains_at_the_scheduled_learning_rate(tiny_mnist, tmp_path, monkeypatch, schedule, epochs):
+    """main.train must set every parameter group's rate to lr_at(epoch) before the epoch's steps."""
+    import viz
+    seen, real = [], main.train_epoch
+
+    def recording(net, optimizer, x, y, cfg, generator, epoch):
+        seen.append((epoch, [group["lr"] for group in optimizer.param_groups]))
+        return real(net, optimizer, x, y, cfg, generator, epoch)
+    monkeypatch.setattr(main, "train_epoch", recording)
+    monkeypatch.setattr(viz, "draw_run", lambda *args, **kwargs: None)
+    main.main(list(map(str, ["--model", "vae", "--hidden-dim", 16, "--latent-dim", 2, "--lr", 2e-3,
+                             "--lr-schedule", schedule, "--epochs", epochs, "--max-batches", 1, "--val-size", 0,
+                             "--iw-samples", 0, "--data-dir", tiny_mnist, "--out-dir", tmp_path])))
+    assert [epoch for epoch, _ in seen] == list(range(1, epochs + 1))
+    for epoch, rates in seen:
+        assert rates == [pytest.approx(main.lr_at(epoch, 2e-3, schedule, epochs), rel=1e-12)]
+    assert len({rates[0] for _, rates in seen}) == (epochs if schedule == "cosine" else 3)   # it does change
