@@ -9,7 +9,10 @@ and call the other nine digits anomalies. Four scores, the higher the more anoma
   recon error   Σ_d (x_d − σ(l_d))², l = decoder logits at z = μ(x): no sampling, no KL
   −log p(x)     the k-sample importance-weighted estimate, k = --iw-samples     [IWAE §3]
   −log p(x) − L(x)   the IW score less the image's DEFLATE-compressed length: Serrà et al. 2020's
-                input-complexity correction (complexity_nats)
+                input-complexity correction (complexity_nats). Both terms are code lengths of
+                binary images only when the pixels are binary (--binarize dynamic); on grey pixels
+                the first is a Bernoulli cross-entropy (about 100 nats) and the second the length
+                of 784 bytes (about 1,000 nats), different units: computed, but not a score to read
 The last two need k >= 1: --iw-samples 0 skips them (the fast way to repeat the run over seeds).
 Each is summarised by the area under the ROC curve (AUROC), per digit and averaged.
 
