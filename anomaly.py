@@ -35,6 +35,10 @@ import models
 import runs
 from viz import figure, save_figure
 
+# What may differ between runs of one command: the seed, where they were written, where the data
+# was read from, and what runs written before the mode flags left the configuration stored beside it
+NOT_SETTINGS = {"seed", "out_dir", "data_dir", "val_size", "patience", "eval", "resume", "compress", "decompress",
+                "checkpoint", "one_class", "impute"}
 SCORES = ("neg_elbo", "recon_error", "neg_log_px", "neg_log_px_minus_complexity")   # the last two need k >= 1
 SCORE_NAMES = {"neg_elbo": "−ELBO", "neg_log_px": "−log p(x) (IW)", "recon_error": "squared error at z = μ",
                "neg_log_px_minus_complexity": "−log p(x) − L(x) (DEFLATE)"}
@@ -187,7 +191,7 @@ def summarize(run_dirs):
     two or more distinct seeds (a repeated seed would shrink the spread without measuring anything).
     """
     loaded = [read_run(r) for r in run_dirs]
-    settings = [{k: v for k, v in run["config"].items() if k not in ("seed", "out_dir")} for run in loaded]
+    settings = [{k: v for k, v in run["config"].items() if k not in NOT_SETTINGS} for run in loaded]
     if any(s != settings[0] for s in settings) or any(run["per_digit"].keys() != loaded[0]["per_digit"].keys()
                                                        for run in loaded):
         raise runs.UsageError("these runs differ in more than their --seed: summarize runs of one command")

@@ -199,7 +199,7 @@ def write_file(path, words, n, net, x_bits, latent_bits=LATENT_BITS):
     header = HEADER.pack(MAGIC, VERSION, latent_bits, len(clean_words(net.latent_dim)), n, len(words),
                          model_hash(net), images_hash(x_bits))
     body = header + words.astype("<u4").tobytes()
-    Path(path).write_bytes(body + CRC.pack(zlib.crc32(body)))
+    runs.save_atomic(lambda p: p.write_bytes(body + CRC.pack(zlib.crc32(body))), Path(path))
 
 
 def read_file(path):

@@ -208,6 +208,17 @@ def batches(x, y, batch_size, generator=None, max_batches=0):
             yield x[idx], y[idx]
 
 
+def first_batches(n, max_batches):
+    """How many of n images the first max_batches evaluation batches hold (all n when max_batches is 0)."""
+    return min(n, max_batches * EVAL_BATCH_SIZE) if max_batches else n
+
+
+def head(x, y, max_batches):
+    """(x, y) cut to the images of the first max_batches evaluation batches (--max-batches)."""
+    n = first_batches(len(x), max_batches)
+    return x[:n], y[:n]
+
+
 def n_batches(n, batch_size, max_batches=0):
     total = -(-n // batch_size)
     return min(total, max_batches) if max_batches else total

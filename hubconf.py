@@ -4,7 +4,7 @@ in eval mode, ready to `sample`:
     net = torch.hub.load("path/to/this/clone", "cvae_mlp", source="local")
     digits = net.sample(10, torch.arange(10))          # (10, 1, 28, 28), pixel means in [0, 1]
 
-The rows of the README's results tables say how each was trained and what it scores.
+RESULTS.md says how each was trained and what it scores.
 """
 import pathlib
 

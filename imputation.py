@@ -37,7 +37,7 @@ from viz import draw_grid, figure, grid_size, save_figure
 N_CHAINS = 20           # M: completions per image, one mixture component each
 CHAIN_STEPS = 50        # steps of each completion chain
 FIT_STEPS = 50          # Adam steps fitting each component to p(z|x_o), 0 = the chains' q as they are
-                        # (README: 200 steps moved the score by 0.3 nats at most)
+                        # (RESULTS.md: 200 steps moved the score by 0.3 nats at most)
 FIT_LR = 0.05           # their learning rate, on μ and log σ² (not tuned)
 BATCH = 500             # test images per pass
 # Pyro's CVAE tutorial, negative conditional log-likelihood of the hidden pixels (nats), for 1, 2, 3
@@ -127,7 +127,8 @@ def mixture_iw_log_px(x_flat, mu, logvar, decode, k, max_elements=2**20):
     """
     n_components, n, latent_dim = mu.shape
     counts = torch.bincount(torch.arange(k, device=mu.device) % n_components, minlength=n_components)
-    share = counts.to(mu.dtype) / k                                    # n_m / K; 0 for components unused
+    # n_m / K, 0 for components unused; None (the equal weights 1/M, the same numbers) when M divides K
+    share = None if k % n_components == 0 else counts.to(mu.dtype) / k
     std = torch.exp(0.5 * logvar)
     x_centered = x_flat - 0.5
     per_chunk = max(1, max_elements // x_centered.numel())

@@ -170,10 +170,9 @@ def run_name(prefix, cfg=None):
 
 
 def stop_early(history, patience):
-    if not (patience and history):
-        return False
-    best = min(range(len(history)), key=lambda i: history[i]["val_neg_elbo"])
-    return len(history) - 1 - best >= patience
+    """Whether the best validation ELBO so far is `patience` or more epochs old (never with patience 0)."""
+    best = min(range(len(history)), key=lambda i: history[i]["val_neg_elbo"]) if history else 0
+    return bool(patience and history) and len(history) - 1 - best >= patience
 
 
 # -------- One epoch: the β-weighted negative ELBO, minimised by Adam ------------------------------
@@ -251,6 +250,7 @@ def check_finite(finite, loss, epoch, batches, lr):
         return
     where = f"batch {batches[1]}" if batches[0] == batches[1] else f"one of batches {batches[0]}-{batches[1]}"
     what, value = ("loss", loss.item()) if not torch.isfinite(loss) else ("gradient", "non-finite")
+    what, value = (what, value) if batches[0] == batches[1] else ("loss or its gradient", "non-finite")
     raise runs.Diverged(f"the {what} became {value} at epoch {epoch}, {where}: the run diverged, most likely "
                         f"the learning rate (--lr {lr:g}) is too high; lower it, or try --warmup-epochs")
 
@@ -318,7 +318,7 @@ def final_report(net, cfg, epoch, test_set):
     x_test, y_test = test_set
     terms = elbo_per_image(net, x_test, y_test, cfg.seed)              # (3, n), every test image
     # the report honours --max-batches: the first batches' terms are the same draws evaluate() makes
-    report = {"epoch": epoch, **mean_terms(terms[:, :cfg.max_batches * data.EVAL_BATCH_SIZE or None])}
+    report = {"epoch": epoch, **mean_terms(terms[:, :data.first_batches(len(x_test), cfg.max_batches)])}
     if cfg.iw_samples:
         nll = iw_nll(net, x_test, y_test, cfg.iw_samples, cfg.seed, cfg.max_batches)
         report.update(iw_samples=cfg.iw_samples, test_nll=nll, test_bits_per_dim=losses.bits_per_dim(nll))
@@ -344,7 +344,7 @@ def evaluate_checkpoint(path, cfg, given):
     device = runs.pick_device(cfg.device)
     net, ckpt = runs.read_checkpoint(path, device)        # refuse a bad checkpoint before loading data
     args = ckpt["model_args"]
-    run_cfg = dataclasses.replace(saved_config(cfg, given, ckpt, EVALUABLE, "checkpoint"), val_size=0)
+    run_cfg = dataclasses.replace(saved_config(cfg, given, ckpt, EVALUABLE, "checkpoint"), val_size=0, arch=net.arch)
     _, _, test_set = data.load_sets(run_cfg.data_dir, 0, run_cfg.binarize, device)
     run_dir = runs.make_run_dir(cfg.out_dir, "eval-" + run_name(args["model"], run_cfg))
     print(f"{path} (epoch {ckpt.get('epoch')}): writing {run_dir}")
@@ -392,7 +392,7 @@ def one_class(digits, cfg, device):
     digits = anomaly.parse_digits(digits)
     cfg = dataclasses.replace(cfg, model="vae", val_size=0, patience=0)
     (x_train, y_train), _, (x_test, y_test) = data.load_sets(cfg.data_dir, 0, cfg.binarize, device)
-    x_test, y_test = x_test[:cfg.max_batches * data.EVAL_BATCH_SIZE or None], y_test[:len(x_test)]
+    x_test, y_test = data.head(x_test, y_test, cfg.max_batches)
     if missing := [d for d in digits if not (y_train == d).any()]:
         raise UsageError(f"the training set holds no image of digit {missing[0]}: choose others with --one-class")
     run_dir = runs.make_run_dir(cfg.out_dir, run_name("anomaly", cfg))
@@ -436,7 +436,7 @@ def impute(path, cfg, device):
     if cfg.iw_samples < 1:
         raise UsageError("--impute estimates log-likelihoods: give --iw-samples 1 or more")
     _, _, (x_test, y_test) = data.load_sets(cfg.data_dir, 0, "dynamic", device)
-    x_test, y_test = x_test[:cfg.max_batches * data.EVAL_BATCH_SIZE or None], y_test[:len(x_test)]
+    x_test, y_test = data.head(x_test, y_test, cfg.max_batches)
     run_dir = runs.make_run_dir(cfg.out_dir, run_name("impute", dataclasses.replace(cfg, arch=net.arch)))
     print(f"{path}: −log p(x_h|x_o) of {len(x_test)} binarized test digits, K = {cfg.iw_samples}, "
           f"{imputation.N_CHAINS} chains of {imputation.CHAIN_STEPS} steps, {imputation.FIT_STEPS} fitting "
@@ -492,8 +492,7 @@ def make_parser(with_defaults=True):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      argument_default=None if with_defaults else argparse.SUPPRESS,
                                      fromfile_prefix_chars="@")
-    # a line of a recipe file (python main.py @configs/NAME.args): flags and values; # starts a comment
-    parser.convert_arg_line_to_args = lambda line: line.split("#", 1)[0].split()
+    parser.convert_arg_line_to_args = lambda line: line.split("#", 1)[0].split()    # @configs/*.args, # comments
     for f in dataclasses.fields(Config) + dataclasses.fields(Mode):
         parser.add_argument("--" + f.name.replace("_", "-"), type=f.type, choices=CHOICES.get(f.name),
                             help=f"{f.metadata['help']} (default: {f.default!r})",
@@ -507,11 +506,12 @@ def parse_args(argv=None):
     args = vars(make_parser().parse_args(argv))
     given = set(vars(make_parser(with_defaults=False).parse_args(argv)))
     cfg = Config(**{k: v for k, v in args.items() if k in CONFIG_FIELDS})
-    if cfg.model == "cvae" and "latent_dim" in given:        # --latent-dim is the size of z of the model trained
-        if "cvae_latent_dim" in given and cfg.cvae_latent_dim != cfg.latent_dim:
+    if cfg.model == "cvae" and "latent_dim" in given:        # --latent-dim: the size of the CVAE's z, stored
+        if "cvae_latent_dim" in given and cfg.cvae_latent_dim != cfg.latent_dim:    # where the CVAE's belongs
             raise UsageError(f"--latent-dim {cfg.latent_dim} and --cvae-latent-dim {cfg.cvae_latent_dim} both "
                              f"size the CVAE's z: give one of them")
-        cfg = dataclasses.replace(cfg, cvae_latent_dim=cfg.latent_dim)
+        cfg = dataclasses.replace(cfg, cvae_latent_dim=cfg.latent_dim, latent_dim=Config.latent_dim)
+        given = given - {"latent_dim"} | {"cvae_latent_dim"}
     return cfg, Mode(**{k: v for k, v in args.items() if k not in CONFIG_FIELDS}), given
 
 

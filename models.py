@@ -15,8 +15,8 @@ import torch.nn.functional as F
 IMAGE_SHAPE = (1, 28, 28)
 X_DIM = 28 * 28
 N_CLASSES = 10
-DEFAULT_HIDDEN_DIM = {"mlp": 400, "conv": 500}   # AEVB's MNIST MLP / source B's conv dense layer
-DEFAULT_CONV_CHANNELS = (32, 64, 128)            # source B's conv layers
+DEFAULT_HIDDEN_DIM = {"mlp": 400, "conv": 500}   # AEVB's MNIST MLP / configuration B's conv dense layer
+DEFAULT_CONV_CHANNELS = (32, 64, 128)            # configuration B's conv layers (configs/b-conv-vae.args)
 # Conv checkpoints written before the channels were a flag hold no "conv_channels": they were
 # built with (32, 64), which read_checkpoint therefore takes when none is stored.
 LEGACY_CONV_CHANNELS = (32, 64)
@@ -82,7 +82,7 @@ def conv_encoder(hidden_dim, label_dim=0, hidden_layers=1, activation="relu", ch
 def conv_decoder(in_dim, hidden_dim, hidden_layers=1, activation="relu", channels=DEFAULT_CONV_CHANNELS):
     """z (n, in_dim) -> x_logits (n, 1, 28, 28): the encoder mirrored with transposed convolutions.
     The decoder runs K times per image in the K = 5000 likelihood estimate: with channels (32, 64)
-    and 256 units, about 2.5 million multiply-adds per z; source B's (32, 64, 128) and 500, 13 million."""
+    and 256 units, about 2.5 million multiply-adds per z; configuration B's (32, 64, 128) and 500, 13 million."""
     return nn.Sequential(
         *dense_stack(in_dim, hidden_dim, hidden_layers, activation),
         nn.Linear(hidden_dim, channels[-1] * 7 * 7), ACTIVATIONS[activation](),

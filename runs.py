@@ -25,7 +25,7 @@ except ImportError:
 
 
 class UsageError(Exception):
-    """Bad input from the user: main() prints the message on one line and exits with code 2."""
+    """Bad input from the user: one_line_errors prints the message on one line and exits with code 2."""
 
 
 class Interrupted(Exception):

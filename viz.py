@@ -114,7 +114,7 @@ def save_figure(fig, path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The figures main.py has always drawn
+# Grids of images: reconstructions, samples, samples by class
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def reconstruction_grid(net, x, y, path, n=24, per_row=12):

@@ -1,5 +1,5 @@
-"""How the bucket precision of bits-back coding trades rate for time (README, 'Lossless compression
-by bits-back coding'). The full 10,000-image figures come from the command itself:
+"""How the bucket precision of bits-back coding trades rate for time (docs/compression.md).
+The full 10,000-image figures come from the command itself:
 
     python main.py --compress checkpoints/vae-mlp-binarized.pt
 

@@ -1,4 +1,4 @@
-"""How the proposal for log p(x_o) moves the imputation score (README, 'Imputation'). The full
+"""How the proposal for log p(x_o) moves the imputation score (docs/imputation.md). The full
 test-set figures come from the command itself:
 
     python main.py --impute checkpoints/vae-mlp-binarized.pt --iw-samples 1000

@@ -1,4 +1,4 @@
-"""Seconds per training epoch of each source README's model (README, 'The five source READMEs'),
+"""Seconds per training epoch of each source README's model (RESULTS.md, 'Configurations A-E'),
 on this machine: main.py's own epoch (main.train_epoch) for `--batches` steps after a warm-up,
 scaled to a full epoch; the rows one after another, never two at once. Prints the CPU, the torch
 version and the thread count first, because these numbers belong to the machine they ran on.
@@ -22,7 +22,7 @@ import models    # noqa: E402
 import runs      # noqa: E402
 from bbans import cpu_name    # noqa: E402
 
-# The training flags of each row's command (README); evaluation flags change no epoch.
+# The training flags of each row's recipe (configs/); evaluation flags change no epoch.
 ROWS = {
     "A and D: MLP VAE 784-400-20 (the default run's VAE)": ["--model", "vae"],
     "A: MLP CVAE, latent 2 (the default run's CVAE)": ["--model", "cvae"],

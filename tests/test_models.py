@@ -30,7 +30,7 @@ def test_default_sizes_are_the_papers():
     mlp = models.build_model("vae", "mlp", latent_dim=20, hidden_dim=0)
     assert mlp.encoder[1].weight.shape == (400, 784) and mlp.enc_mu.weight.shape == (20, 400)
     conv = models.build_model("vae", "conv", latent_dim=20, hidden_dim=0, conv_channels=(32, 64, 128))
-    assert conv.enc_mu.weight.shape == (20, 500)                   # source B's dense layer
+    assert conv.enc_mu.weight.shape == (20, 500)                   # configuration B's dense layer
     cvae = models.build_model("cvae", "mlp", latent_dim=20, hidden_dim=0)
     assert cvae.encoder[1].weight.shape == (400, 784 + 10)     # the label joins the encoder input
     assert cvae.decoder[0].weight.shape == (400, 20 + 10)      # and z

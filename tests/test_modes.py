@@ -3,7 +3,6 @@ nothing; and the shape of the code: imports go one way, no module switches matpl
 import ast
 import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -225,3 +224,25 @@ def test_no_function_outside_the_tests_is_named_like_a_test():
     for path in [*MODULES, *sorted((ROOT / "benchmarks").glob("*.py"))]:
         names = [n.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.FunctionDef)]
         assert not [n for n in names if n.startswith("test_")], path.name
+
+
+def test_one_class_with_max_batches_scores_the_images_it_keeps_with_their_labels(tiny_mnist, tmp_path, capsys,
+                                                                               monkeypatch):
+    """--max-batches 2 with evaluation batches of 16: the first 32 test images and their 32 labels."""
+    monkeypatch.setattr(main.data, "EVAL_BATCH_SIZE", 16)
+    code, _, err = main_in_process(capsys, "--one-class", "3", "--model", "vae", "--epochs", 1, "--batch-size", 16,
+                                   "--iw-samples", 0, "--max-batches", 2, "--data-dir", tiny_mnist,
+                                   "--out-dir", tmp_path / "out")
+    assert code == 0, err
+    (run_dir,) = (tmp_path / "out").iterdir()
+    assert set(runs.read_json(run_dir / "metrics.json")["per_digit"]) == {"3"}
+
+
+def test_latent_dim_given_with_model_cvae_is_stored_as_the_cvaes(tmp_path, capsys, monkeypatch):
+    cfg, _, given = main.parse_args(["--model", "cvae", "--latent-dim", "2"])
+    assert (cfg.latent_dim, cfg.cvae_latent_dim) == (main.Config.latent_dim, 2) and "latent_dim" not in given
+    # so an evaluation of the CVAE may name its latent size as it was trained (the shipped CVAE: 2)
+    monkeypatch.setattr(viz, "draw_run", lambda *args, **kwargs: None)
+    code, _, err = main_in_process(capsys, "--eval", ROOT / "checkpoints" / "cvae-mlp-default.pt", "--model", "cvae",
+                                   "--latent-dim", 2, "--max-batches", 1, "--iw-samples", 0, "--out-dir", tmp_path)
+    assert code == 0, err
