@@ -171,8 +171,8 @@ def run_name(prefix, cfg=None):
 
 def stop_early(history, patience):
     """Whether the best validation ELBO so far is `patience` or more epochs old (never with patience 0)."""
-    best = min(range(len(history)), key=lambda i: history[i]["val_neg_elbo"]) if history else 0
-    return bool(patience and history) and len(history) - 1 - best >= patience
+    best = min(range(len(history)), key=lambda i: history[i]["val_neg_elbo"]) if patience and history else None
+    return best is not None and len(history) - 1 - best >= patience
 
 
 # -------- One epoch: the β-weighted negative ELBO, minimised by Adam ------------------------------
@@ -340,7 +340,8 @@ EVALUABLE = {"iw_samples", "seed", "device", "data_dir", "out_dir", "max_batches
 
 def evaluate_checkpoint(path, cfg, given):
     """--eval: test metrics and pictures of a saved model, in a new run folder, under the protocol
-    it was trained with (binarization, seed), unless EVALUABLE flags say otherwise."""
+    it was trained with (binarization, seed), unless EVALUABLE flags say otherwise; its metrics.json
+    holds the settings used ("config") and the checkpoint's own ("trained_config")."""
     device = runs.pick_device(cfg.device)
     net, ckpt = runs.read_checkpoint(path, device)        # refuse a bad checkpoint before loading data
     args = ckpt["model_args"]
@@ -349,7 +350,6 @@ def evaluate_checkpoint(path, cfg, given):
     run_dir = runs.make_run_dir(cfg.out_dir, "eval-" + run_name(args["model"], run_cfg))
     print(f"{path} (epoch {ckpt.get('epoch')}): writing {run_dir}")
     report, neg_elbo = final_report(net, run_cfg, ckpt.get("epoch"), test_set)
-    # "config": the settings this evaluation used (--seed, --max-batches); "trained_config": the checkpoint's
     runs.save_json({"checkpoint": str(path), "config": dataclasses.asdict(run_cfg),
                     "trained_config": ckpt.get("config"), "model_args": args, "eval": report,
                     "epochs": ckpt.get("history", [])}, run_dir / "metrics.json")
