@@ -85,10 +85,6 @@ def model_spec(net):
             "channels": list(net.conv_channels or []), "n_classes": net.n_classes if conditional else 0}
 
 
-def labels_or_none(net, y):
-    return y if isinstance(net, CVAE) else None
-
-
 @torch.no_grad()
 def latent_points(net, x, y, seed):
     """The posterior means μ of q(z|x) (CVAE: q(z|x, y), with the true label) of N_POINTS test digits,
@@ -100,11 +96,11 @@ def latent_points(net, x, y, seed):
 
 
 def pixel_means(net, z, y):
-    return torch.sigmoid(net.decode(z, labels_or_none(net, y))).flatten(1)     # σ(logits), (n, 784)
+    return torch.sigmoid(net.decode(z, y)).flatten(1)       # σ(logits), (n, 784); the VAE ignores y
 
 
 def posterior_means(net, x, y):
-    return net.encode(x, labels_or_none(net, y))[0]                          # μ of q(z|x), (n, latent_dim)
+    return net.encode(x, y)[0]                              # μ of q(z|x) (CVAE: q(z|x, y)), (n, latent_dim)
 
 
 def as_list(t):

@@ -4,8 +4,6 @@ For each digit d, samples of p(x|y = d) with z ~ N(0, I) are shown to a small co
 MNIST (models.DigitClassifier); the share it labels d is the CVAE's sample accuracy. The judge is
 trained once (about a minute on a CPU) and cached beside the data as classifier.pt.
 """
-from pathlib import Path
-
 import torch
 from tqdm import tqdm
 
@@ -46,7 +44,8 @@ def classifier_accuracy(net, x, y):
 def load_classifier(data_dir, device, seed):
     """(classifier, its test accuracy): the one cached at data_dir/classifier.pt; if absent, trained
     on the 60,000 grey training images and scored on the 10,000 test images, whatever the run."""
-    path = Path(data.data_path(data_dir)) / "classifier.pt"
+    folder = data.data_path(data_dir)
+    path = folder / "classifier.pt"
     if path.is_file():
         try:
             ckpt = torch.load(path, map_location=device, weights_only=True)
@@ -56,7 +55,7 @@ def load_classifier(data_dir, device, seed):
         except Exception as err:        # truncated, or another project's file: train a new judge
             print(f"warning: cannot use {path} ({type(err).__name__}); training a new classifier in its place")
     print(f"training the digit classifier that judges the CVAE's samples (once; cached in {path})")
-    net, accuracy = train_classifier(*data.load_mnist(data.data_path(data_dir), device), seed)
+    net, accuracy = train_classifier(*data.load_mnist(folder, device), seed)
     try:
         runs.save_atomic(lambda p: torch.save({"model": net.state_dict(), "test_accuracy": accuracy}, p), path)
     except OSError as err:
