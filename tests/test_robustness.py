@@ -195,13 +195,18 @@ def test_ctrl_c_or_kill_keeps_the_last_epoch_and_the_run_resumes_to_the_same_wei
     assert same_weights(weights(run_dir / "checkpoint.pt"), weights(uninterrupted_3_epochs / "checkpoint.pt"))
 
 
+def train_once(tmp_path_factory, epochs):
+    """A tiny run of `epochs` epochs on its own tiny MNIST, without pictures; its run folder."""
+    data_dir, out = make_tiny_mnist(tmp_path_factory.mktemp("data")), tmp_path_factory.mktemp("runs")
+    with no_pictures():
+        train_tiny(data_dir, out, "--epochs", epochs)
+    return only_run(out)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted_3_epochs(tmp_path_factory):
     """The run the stopped-and-resumed ones must match, trained once for both signals."""
-    data_dir, out = make_tiny_mnist(tmp_path_factory.mktemp("data")), tmp_path_factory.mktemp("ref")
-    with no_pictures():
-        train_tiny(data_dir, out, "--epochs", 3)
-    return only_run(out)
+    return train_once(tmp_path_factory, 3)
 
 
 def test_a_diverging_run_stops_with_epoch_and_batch_and_exit_code_1(tiny_mnist, tmp_path, capsys):
@@ -337,10 +342,7 @@ def test_an_output_directory_that_cannot_be_written_is_refused(tiny_mnist, tmp_p
 @pytest.fixture(scope="module")
 def trained_once(tmp_path_factory):
     """A 1-epoch run, trained once; the tests below get copies of it (trained_run)."""
-    data_dir, out = make_tiny_mnist(tmp_path_factory.mktemp("data")), tmp_path_factory.mktemp("runs")
-    with no_pictures():
-        train_tiny(data_dir, out, "--epochs", 1)
-    return only_run(out)
+    return train_once(tmp_path_factory, 1)
 
 
 @pytest.fixture
