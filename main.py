@@ -391,7 +391,11 @@ def resume_run(path, cfg, given):
     if "rng" not in ckpt or "optimizer" not in ckpt:
         raise UsageError(f"{path} holds no optimizer or random states (best.pt, a shipped model or "
                          f"an older checkpoint): resume from the run's checkpoint.pt")
-    cfg = saved_config(cfg, given, ckpt, RESUMABLE, "resumed run")
+    run_dir = Path(path).parent
+    if "out_dir" in given and Path(cfg.out_dir).resolve() != run_dir.parent.resolve():
+        raise UsageError(f"--out-dir {cfg.out_dir} differs from the resumed run's {run_dir.parent}: a resumed run "
+                         f"writes in its own folder; drop --out-dir")
+    cfg = saved_config(cfg, given - {"out_dir"}, ckpt, RESUMABLE, "resumed run")
     check_config(cfg)
     done, planned = ckpt["epoch"], ckpt["config"].get("epochs", cfg.epochs)
     reported = "final" in runs.read_json(Path(path).parent / "metrics.json")
@@ -513,7 +517,7 @@ SEED_RANGE = (0, 2 ** 64 - 1)                      # what torch.manual_seed take
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
 # The flags of Config each mode reads. Any other one given with the mode is refused, never ignored.
 # (--eval and --resume read them all: a flag that differs from the checkpoint's is refused there.)
-MODE_READS = {"eval": CONFIG_FIELDS, "resume": CONFIG_FIELDS - {"out_dir"},     # resumed: in its own folder
+MODE_READS = {"eval": CONFIG_FIELDS, "resume": CONFIG_FIELDS,
               "compress": {"data_dir", "out_dir"}, "decompress": {"out_dir"},
               "one_class": CONFIG_FIELDS - {"cvae_latent_dim"},
               "impute": {"iw_samples", "seed", "device", "data_dir", "out_dir", "max_batches"}}

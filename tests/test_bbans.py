@@ -34,7 +34,7 @@ def random_images(n=N_IMAGES, seed=0):
 def save(net, path, binarize="dynamic"):
     cfg = main.Config(binarize=binarize, latent_dim=net.latent_dim, hidden_dim=net.hidden_dim,
                       model=models.model_args(net)["model"])
-    runs.save_checkpoint(net, None, dataclasses.asdict(cfg), 1, [], None, path)
+    runs.save_checkpoint(path, net, dataclasses.asdict(cfg), 1, [])
     return path
 
 

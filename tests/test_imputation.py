@@ -134,7 +134,7 @@ def test_quadrants_are_pyros_split():
 def write_checkpoint(path, kind="vae", binarize="dynamic"):
     net = models.build_model(kind, "mlp", 2, 16)
     cfg = dataclasses.replace(main.Config(), model=kind, binarize=binarize)
-    runs.save_checkpoint(net, None, dataclasses.asdict(cfg), 1, [], None, path)
+    runs.save_checkpoint(path, net, dataclasses.asdict(cfg), 1, [])
     return path
 
 

@@ -111,8 +111,8 @@ def test_checkpoint_round_trip_gives_the_same_outputs(tmp_path, kind, arch):
     net = models.build_model(kind, arch, latent_dim=3, hidden_dim=32, hidden_layers=2, activation="tanh")
     optimizer = torch.optim.Adam(net.parameters())
     path = tmp_path / "checkpoint.pt"
-    runs.save_checkpoint(net, optimizer, dataclasses.asdict(dataclasses.replace(main.Config(), model=kind, arch=arch)), 1, [],
-                         torch.Generator(), path)
+    runs.save_checkpoint(path, net, dataclasses.asdict(dataclasses.replace(main.Config(), model=kind, arch=arch)), 1, [],
+                         optimizer=optimizer, generator=torch.Generator())
     loaded = models.load_checkpoint(path, map_location="cpu")
     assert type(loaded) is type(net) and not loaded.training
     x, y, z = torch.rand(4, 1, 28, 28), torch.tensor([0, 3, 7, 9]), torch.randn(4, 3)
