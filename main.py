@@ -33,7 +33,8 @@ from runs import UsageError
 
 # ------------------------------------------------------------------------------------------------
 # Hyperparameters: the one source of truth. Every field is also a flag (latent_dim -> --latent-dim).
-# Defaults are the PyTorch example's protocol (784-400-20, Adam 1e-3, batch 128, 10 epochs, seed 1).
+# Defaults: the PyTorch example's networks and optimiser (784-400-20, Adam 1e-3, batch 128, 10 epochs,
+# seed 1), trained on 50,000 images with the last 10,000 training images held out for validation.
 # ------------------------------------------------------------------------------------------------
 def option(default, help):
     """A field of Config or Mode, and so a flag: its default and the help --help prints."""
@@ -103,24 +104,40 @@ class Mode:
 
 
 # -------- Training: the epoch loop ----------------------------------------------------------------
-def train(kind, cfg, device, sets, resume=None):
-    """Train one model (kind 'vae' or 'cvae'), write its run folder, return the folder.
-    With resume = (net, checkpoint dict, run_dir): continue that run after the checkpoint's epoch."""
+# How a run ran, not what it trained: checkpoints leave these out, and --eval and --resume take them
+# from their own command line (and its defaults), never from the checkpoint.
+EXECUTION = {"device", "data_dir", "out_dir", "max_batches", "iw_samples"}
+
+
+@dataclass
+class Resumed:
+    """A run that --resume continues: the model and dict of its checkpoint.pt, and its folder."""
+    net: torch.nn.Module
+    checkpoint: dict
+    run_dir: Path
+
+
+def train(kind, cfg, device, sets, resumed=None):
+    """Train one model (kind 'vae' or 'cvae'), write its run folder, return the folder. The test set
+    is read once, by the final report; the epochs see the training and validation sets only."""
     torch.manual_seed(cfg.seed)
-    net = resume[0] if resume else build_net(kind, cfg, device)   # resumed: the model its checkpoint holds
+    net = resumed.net if resumed else build_net(kind, cfg, device)
     optimizer = models.make_optimizer(net, cfg.lr, cfg.adam_eps)
     generator = torch.Generator().manual_seed(cfg.seed)          # the shuffling order
-    config = dataclasses.asdict(dataclasses.replace(cfg, model=kind))    # what checkpoints and metrics store
+    config = dataclasses.asdict(dataclasses.replace(cfg, model=kind))    # metrics.json: how it ran too
+    trained = {k: v for k, v in config.items() if k not in EXECUTION}   # checkpoints: what was trained
     history, first = [], 1
-    if resume:
-        _, ckpt, run_dir = resume
-        optimizer.load_state_dict(ckpt["optimizer"])
-        history, first = ckpt["history"], ckpt["epoch"] + 1
-        runs.restore_rng(ckpt["rng"], generator)
-        print(f"resuming {run_dir} after epoch {ckpt['epoch']}")
+    if resumed:
+        optimizer.load_state_dict(resumed.checkpoint["optimizer"])
+        history, first = resumed.checkpoint["history"], resumed.checkpoint["epoch"] + 1
+        runs.restore_rng(resumed.checkpoint["rng"], generator)
+        run_dir = resumed.run_dir
+        print(f"resuming {run_dir} after epoch {resumed.checkpoint['epoch']}")
     else:
         run_dir = runs.make_run_dir(cfg.out_dir, run_name(kind, cfg))
     print(f"{kind.upper()} ({cfg.arch}, latent {net.latent_dim}) on {device}: writing {run_dir}")
+    if not cfg.val_size:
+        print("no validation set (--val-size 0): the final report is on the last epoch")
     train_set, val_set, test_set = sets
     with runs.writer_lock(run_dir):
         with runs.stopping_cleanly(run_dir):
@@ -135,26 +152,33 @@ def train(kind, cfg, device, sets, resume=None):
                 row["train_seconds"] = time.perf_counter() - start
                 if cfg.val_size:
                     row.update(evaluate(net, *val_set, cfg.seed, cfg.max_batches, prefix="val"))
-                row.update(evaluate(net, *test_set, cfg.seed, cfg.max_batches))
-                val = f"  val {row['val_neg_elbo']:8.2f}" if cfg.val_size else ""
-                print(f"epoch {epoch:3d}  train -ELBO {row['train_neg_elbo']:8.2f}{val}  test -ELBO "
-                      f"{row['test_neg_elbo']:8.2f}  = recon {row['test_recon']:7.2f} + KL {row['test_kl']:6.2f}"
-                      f"   ({row['train_seconds']:.1f} s)")
+                print(epoch_line(row))
                 if cfg.val_size and all(row["val_neg_elbo"] < h["val_neg_elbo"] for h in history):  # a new best
-                    runs.save_checkpoint(net, None, config, epoch, history + [row], None, run_dir / "best.pt")
+                    runs.save_checkpoint(run_dir / "best.pt", net, trained, epoch, history + [row])
                 history.append(row)
-                runs.save_checkpoint(net, optimizer, config, epoch, history, generator, run_dir / "checkpoint.pt")
-                runs.write_metrics(run_dir, config, net, history)
-        # the final report is on the best model by validation ELBO (the last one without a validation set)
-        epoch = history[-1]["epoch"]
+                runs.save_checkpoint(run_dir / "checkpoint.pt", net, trained, epoch, history,
+                                     optimizer=optimizer, generator=generator)
+                runs.write_metrics(run_dir, config, net, history, provenance=runs.provenance(device))
+        # The test set, once: the model of the best validation epoch (the last one without validation)
+        epoch = best_epoch(history) if cfg.val_size else history[-1]["epoch"]
         if cfg.val_size:
-            best, ckpt = runs.read_checkpoint(run_dir / "best.pt", device)
-            net.load_state_dict(best.state_dict())
-            epoch = ckpt["epoch"]
+            net.load_state_dict(runs.read_checkpoint(run_dir / "best.pt", device)[0].state_dict())
         report, neg_elbo = final_report(net, cfg, epoch, test_set)
-        runs.write_metrics(run_dir, config, net, history, final=report)
+        runs.write_metrics(run_dir, config, net, history, provenance=runs.provenance(device), final=report)
         viz.draw_run(net, *test_set, history, report, neg_elbo, run_dir, cfg.seed)
     return run_dir
+
+
+def epoch_line(row):
+    """The line printed after each epoch: the training and validation −ELBO, never the test set's."""
+    val = (f"  val -ELBO {row['val_neg_elbo']:8.2f} = recon {row['val_recon']:7.2f} + KL {row['val_kl']:6.2f}"
+           if "val_neg_elbo" in row else "")
+    return f"epoch {row['epoch']:3d}  train -ELBO {row['train_neg_elbo']:8.2f}{val}   ({row['train_seconds']:.1f} s)"
+
+
+def best_epoch(history):
+    """The epoch with the lowest validation −ELBO (the first of equals): best.pt's."""
+    return min(history, key=lambda h: h["val_neg_elbo"])["epoch"]
 
 
 def build_net(kind, cfg, device):
@@ -333,15 +357,17 @@ def final_report(net, cfg, epoch, test_set):
 
 
 # -------- The modes: each reads its inputs, calls a library, writes one new run folder ------------
-# A resumed or evaluated run keeps its configuration; only these flags may change on the command line.
-RESUMABLE = {"epochs", "patience", "iw_samples", "device", "data_dir"}
-EVALUABLE = {"iw_samples", "seed", "device", "data_dir", "out_dir", "max_batches"}
+# A resumed or evaluated checkpoint keeps the hyperparameters it was trained with; these may change,
+# and the execution settings come from the command line and its defaults, never from the checkpoint.
+RESUMABLE = {"epochs", "patience"} | EXECUTION - {"out_dir"}       # a resumed run writes in its own folder
+EVALUABLE = EXECUTION | {"seed"}
 
 
 def evaluate_checkpoint(path, cfg, given):
-    """--eval: test metrics and pictures of a saved model, in a new run folder, under the protocol
-    it was trained with (binarization, seed), unless EVALUABLE flags say otherwise; its metrics.json
-    holds the settings used ("config") and the checkpoint's own ("trained_config")."""
+    """--eval: test metrics and pictures of a saved model, in a new run folder, under the protocol it
+    was trained with (binarization; its seed unless --seed is given) and the execution settings of
+    this command line (--iw-samples, --max-batches, ... and their defaults); its metrics.json holds
+    the settings used ("config") and the checkpoint's own ("trained_config")."""
     device = runs.pick_device(cfg.device)
     net, ckpt = runs.read_checkpoint(path, device)        # refuse a bad checkpoint before loading data
     args = ckpt["model_args"]
@@ -352,13 +378,15 @@ def evaluate_checkpoint(path, cfg, given):
     report, neg_elbo = final_report(net, run_cfg, ckpt.get("epoch"), test_set)
     runs.save_json({"checkpoint": str(path), "config": dataclasses.asdict(run_cfg),
                     "trained_config": ckpt.get("config"), "model_args": args, "eval": report,
-                    "epochs": ckpt.get("history", [])}, run_dir / "metrics.json")
+                    "epochs": ckpt.get("history", []), "provenance": runs.provenance(device)},
+                   run_dir / "metrics.json")
     viz.draw_run(net, *test_set, ckpt.get("history"), report, neg_elbo, run_dir, run_cfg.seed)
     return run_dir
 
 
 def resume_run(path, cfg, given):
-    """--resume: continue a run from its checkpoint.pt, bit for bit as if it had never stopped."""
+    """--resume: continue a run from its checkpoint.pt, bit for bit as if it had never stopped; a run
+    whose epochs are all done but that has no final report (stopped during it) gets its report."""
     net, ckpt = runs.read_checkpoint(path, torch.device("cpu"))     # moved once the run's device is known
     if "rng" not in ckpt or "optimizer" not in ckpt:
         raise UsageError(f"{path} holds no optimizer or random states (best.pt, a shipped model or "
@@ -366,23 +394,25 @@ def resume_run(path, cfg, given):
     cfg = saved_config(cfg, given, ckpt, RESUMABLE, "resumed run")
     check_config(cfg)
     done, planned = ckpt["epoch"], ckpt["config"].get("epochs", cfg.epochs)
-    if cfg.epochs <= done:
+    reported = "final" in runs.read_json(Path(path).parent / "metrics.json")
+    if cfg.epochs < done or (cfg.epochs == done and reported):
         raise UsageError(f"--epochs {cfg.epochs}: the checkpoint has already done {done} epochs; "
                          f"give --epochs more than {done} to train further, or --eval it")
     if cfg.lr_schedule == "cosine" and cfg.epochs != planned:
         raise UsageError(f"--epochs {cfg.epochs}: the cosine schedule of this run was laid out for {planned} "
                          f"epochs and would change under the epochs left; resume with --epochs {planned}, "
                          f"or start a new run")
-    device = runs.pick_device(cfg.device, cfg.precision)     # the run's own, unless --device is given
+    device = runs.pick_device(cfg.device, cfg.precision)     # --device as given, else its default (auto)
     sets = data.load_sets(cfg.data_dir, cfg.val_size, cfg.binarize, device)
-    return train(cfg.model, cfg, device, sets, (net.to(device), ckpt, Path(path).parent))
+    return train(cfg.model, cfg, device, sets, Resumed(net.to(device), ckpt, Path(path).parent))
 
 
 def saved_config(cfg, given, ckpt, may_change, what):
-    """The checkpoint's configuration, with the flags in may_change taken from the command line; a
-    flag outside it that differs from the checkpoint is refused (runs.merge_config)."""
+    """The checkpoint's hyperparameters, with the flags in may_change taken from the command line and
+    the execution settings from the command line or their defaults; a flag outside may_change that
+    differs from the checkpoint is refused (runs.merge_config)."""
     merged = runs.merge_config(ckpt, dataclasses.asdict(Config()), {n: getattr(cfg, n) for n in given & CONFIG_FIELDS},
-                               may_change, what)
+                               may_change, what, execution=EXECUTION)
     return Config(**merged)
 
 
@@ -403,7 +433,8 @@ def one_class(digits, cfg, device):
         start = time.perf_counter()
         net, history = train_one_class(x_train[y_train == d], cfg, device)
         seconds = time.perf_counter() - start
-        runs.save_checkpoint(net, None, dataclasses.asdict(cfg), cfg.epochs, history, None, run_dir / f"digit{d}.pt")
+        trained = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in EXECUTION}
+        runs.save_checkpoint(run_dir / f"digit{d}.pt", net, trained, cfg.epochs, history)
         results[d] = {"train_images": int((y_train == d).sum()), "train_seconds": seconds,
                       "final_train_neg_elbo": history[-1]["train_neg_elbo"],
                       **anomaly.score_digit(net, d, x_test, y_test, cfg.iw_samples, cfg.seed)}
@@ -482,7 +513,7 @@ SEED_RANGE = (0, 2 ** 64 - 1)                      # what torch.manual_seed take
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
 # The flags of Config each mode reads. Any other one given with the mode is refused, never ignored.
 # (--eval and --resume read them all: a flag that differs from the checkpoint's is refused there.)
-MODE_READS = {"eval": CONFIG_FIELDS, "resume": CONFIG_FIELDS,
+MODE_READS = {"eval": CONFIG_FIELDS, "resume": CONFIG_FIELDS - {"out_dir"},     # resumed: in its own folder
               "compress": {"data_dir", "out_dir"}, "decompress": {"out_dir"},
               "one_class": CONFIG_FIELDS - {"cvae_latent_dim"},
               "impute": {"iw_samples", "seed", "device", "data_dir", "out_dir", "max_batches"}}
@@ -529,6 +560,12 @@ def check_mode(cfg, mode, given):
     if unused:
         raise UsageError(f"{runs.flag(unused[0])} means nothing with {runs.flag(name)}, which reads only "
                          f"{', '.join(sorted(map(runs.flag, MODE_READS[name]))) or 'its own flags'}: drop it")
+    if name in (None, "one_class"):                        # training: a flag its model would ignore
+        if "conv_channels" in given and cfg.arch != "conv":
+            raise UsageError("--conv-channels shapes the conv arch only: drop it, or give --arch conv")
+        if "cvae_latent_dim" in given and cfg.model == "vae":
+            raise UsageError("--cvae-latent-dim sizes a CVAE's z and --model vae trains none: drop it, or give "
+                             "--model cvae (or both)")
     if name == "one_class":
         if cfg.model == "cvae":
             raise UsageError("--one-class trains unconditional VAEs (a CVAE would be told the digit): use --model vae")
@@ -571,26 +608,29 @@ def conv_channels(cfg):
 
 
 def run(cfg, mode, given=frozenset()):
-    """The mode asked for, or training; returns the run folders written."""
+    """The mode asked for, or training; returns the run folders written. Every folder's metrics.json
+    ends with the provenance of this process (runs.provenance)."""
     name = check_mode(cfg, mode, given)
     check_config(cfg)
     if name in ("compress", "decompress"):             # on the CPU, whatever --device says
-        return [compress(mode.compress, cfg) if mode.compress else decompress(mode.decompress, mode.checkpoint, cfg)]
+        run_dir = compress(mode.compress, cfg) if mode.compress else decompress(mode.decompress, mode.checkpoint, cfg)
+        return [runs.stamp_provenance(run_dir, "cpu")]
     if name == "eval":
         return [evaluate_checkpoint(mode.eval, cfg, given)]
     if name == "resume":
         return [resume_run(mode.resume, cfg, given)]
     device = runs.pick_device(cfg.device, cfg.precision)
     if name == "one_class":
-        return [one_class(mode.one_class, cfg, device)]
+        return [runs.stamp_provenance(one_class(mode.one_class, cfg, device), device)]
     if name == "impute":
-        return [impute(mode.impute, cfg, device)]
+        return [runs.stamp_provenance(impute(mode.impute, cfg, device), device)]
     sets = data.load_sets(cfg.data_dir, cfg.val_size, cfg.binarize, device)
     kinds = ["vae", "cvae"] if cfg.model == "both" else [cfg.model]
     return [train(kind, cfg, device, sets) for kind in kinds]
 
 
 def main(argv=None):
+    runs.start_clock(argv)
     with runs.one_line_errors():
         run(*parse_args(argv))
 

@@ -6,12 +6,17 @@ Nothing here knows main.py's Config: configurations arrive as plain dicts, model
 The machinery sits here so that main.py shows the training loop and not the plumbing around it.
 """
 import contextlib
+import datetime
+import functools
 import json
 import os
+import platform
 import signal
 import socket
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -164,18 +169,24 @@ def read_json(path):
     return obj if isinstance(obj, dict) else {}
 
 
-def write_metrics(run_dir, config, net, history, **extra):
+def write_metrics(run_dir, config, net, history, provenance=None, **extra):
     """run_dir/metrics.json: the configuration (a dict), the model's arguments, one row per epoch,
-    and extra. The `final` report of a finished run that is resumed is not dropped with the rewrite:
-    it moves to `earlier_finals`, with `run_epochs`, the epochs its run had then."""
+    the provenance of the process writing it, and extra. What a resumed run's file held is not
+    dropped with the rewrite: a `final` report moves to `earlier_finals`, with `run_epochs`, the
+    epochs its run had then; the provenance of an earlier process moves to `earlier_provenance`."""
     path = Path(run_dir) / "metrics.json"
     old = read_json(path)
     earlier = old.get("earlier_finals", [])
     if "final" in old:
         run_epochs = old["epochs"][-1]["epoch"] if old.get("epochs") else None
         earlier = earlier + [{**old["final"], "run_epochs": run_epochs}]
+    before = old.get("earlier_provenance", [])
+    if provenance and old.get("provenance") and old["provenance"].get("started_utc") != provenance["started_utc"]:
+        before = before + [old["provenance"]]
     save_json({"config": config, "model_args": models.model_args(net), "epochs": history,
-               **({"earlier_finals": earlier} if earlier else {}), **extra}, path)
+               **({"earlier_finals": earlier} if earlier else {}), **extra,
+               **({"provenance": provenance} if provenance else {}),
+               **({"earlier_provenance": before} if before else {})}, path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,13 +232,102 @@ def summarize(metrics, run_dirs):
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints: plain dicts (weights, model_args, config, epoch, history; optimizer and random states)
+# Provenance: where a number came from, written by the run itself into its metrics.json
 # ------------------------------------------------------------------------------------------------
-def save_checkpoint(net, optimizer, config, epoch, history, generator, path):
-    """A plain dict: weights, configuration (a dict), epoch and metrics so far; with an optimizer, also
-    its state and the random states that make a resumed run continue exactly as the uninterrupted one
-    would have (checkpoint.pt). best.pt has none of these: a run resumes from its last epoch only."""
-    ckpt = {"model": net.state_dict(), "model_args": models.model_args(net),
+PROJECT = Path(__file__).resolve().parent
+STARTED = [time.time(), time.perf_counter()]        # reset by start_clock() when a command begins
+COMMAND = list(sys.argv)
+
+
+def start_clock(argv=None):
+    """A command begins: its start time, its command line (sys.argv, or main.py and argv when main
+    is called from Python), and the git state read afresh."""
+    STARTED[:] = [time.time(), time.perf_counter()]
+    COMMAND[:] = sys.argv if argv is None else ["main.py", *argv]
+    git_state.cache_clear()
+
+
+def provenance(device):
+    """The versions, commit, machine, command and times behind a run's numbers: a plain dict that
+    every metrics.json carries as "provenance" (Slurm's job ids too, when the run is a Slurm job)."""
+    import numpy, torchvision           # here: only their versions are wanted
+    device = torch.device(device)
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": numpy.__version__, **git_state(),
+            "device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
+            **({"cpu": cpu_info()} if device.type == "cpu" else {}),
+            "hostname": socket.gethostname(), "argv": list(COMMAND),
+            "started_utc": datetime.datetime.fromtimestamp(STARTED[0], datetime.timezone.utc)
+                                            .isoformat(timespec="seconds"),
+            "wall_seconds": round(time.perf_counter() - STARTED[1], 3),
+            **{key.lower(): os.environ.get(key) for key in SLURM_KEYS}}
+
+
+def stamp_provenance(run_dir, device):
+    """Add this process's provenance to run_dir/metrics.json (a mode's record); returns run_dir."""
+    path = Path(run_dir) / "metrics.json"
+    save_json({**read_json(path), "provenance": provenance(device)}, path)
+    return run_dir
+
+
+SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")
+
+
+@functools.lru_cache(maxsize=1)
+def git_state():
+    """{commit, dirty}: the project's git commit and whether tracked files differ from it (None
+    for both outside a git checkout, e.g. an unpacked release)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(PROJECT), *args], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD") or None
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        commit = dirty = None
+    return {"commit": commit, "dirty": dirty}
+
+
+def device_name(device):
+    """The processor as the OS names it (the CPU's model name), or the accelerator's own name."""
+    if device.type == "cpu":
+        return cpu_info().get("model name") or platform.processor() or platform.machine()
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+# the instruction sets that decide this project's CPU speed (bfloat16 arithmetic above all)
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_info():
+    """{model name, cpu family, model, features}: what /proc/cpuinfo says of the first processor,
+    the features among CPU_FEATURES; {} where there is no /proc/cpuinfo."""
+    try:
+        block = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {"model name": fields.get("model name"), "cpu family": fields.get("cpu family"),
+            "model": fields.get("model"), "features": [f for f in CPU_FEATURES if f in flags]}
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: plain dicts (format, weights, model_args, config, epoch, history; optimizer and RNG)
+# ------------------------------------------------------------------------------------------------
+# 2: `config` holds what was trained (the hyperparameters) and nothing of how it ran (device, paths,
+# --max-batches, --iw-samples). 1 (no `format` key): `config` held both.
+CHECKPOINT_FORMAT = 2
+
+
+def save_checkpoint(path, net, config, epoch, history, optimizer=None, generator=None):
+    """A plain dict: the format, weights, hyperparameters (config, a dict), epoch and metrics so far;
+    with an optimizer, also its state and the random states that make a resumed run continue as the
+    uninterrupted one would have (checkpoint.pt). best.pt has neither: a run resumes from its last epoch."""
+    ckpt = {"format": CHECKPOINT_FORMAT, "model": net.state_dict(), "model_args": models.model_args(net),
             "config": config, "epoch": epoch, "history": history}
     if optimizer is not None:
         ckpt["optimizer"] = optimizer.state_dict()
@@ -235,12 +335,14 @@ def save_checkpoint(net, optimizer, config, epoch, history, generator, path):
     save_atomic(lambda p: torch.save(ckpt, p), path)
 
 
-def merge_config(ckpt, defaults, given, may_change, what):
-    """The configuration (a dict) a resumed or evaluated checkpoint runs under: the one it stores,
-    with the values given on the command line for the names in may_change; a given value outside
-    may_change that differs from the stored one is refused. Unknown keys (a past version's mode
-    flags, a future version's fields) are dropped, missing ones take the defaults."""
-    stored = {k: v for k, v in (ckpt.get("config") or {}).items() if k in defaults}
+def merge_config(ckpt, defaults, given, may_change, what, execution=()):
+    """The configuration (a dict) a resumed or evaluated checkpoint runs under: the hyperparameters it
+    stores, with the values given on the command line for the names in may_change; a given value
+    outside may_change that differs from the stored one is refused. The names in `execution` (how a
+    run runs: device, paths, ...) never come from the checkpoint, only from `given` or `defaults`,
+    whatever an older checkpoint stored. Unknown keys (a past version's mode flags, a future
+    version's fields) are dropped, missing ones take the defaults."""
+    stored = {k: v for k, v in (ckpt.get("config") or {}).items() if k in defaults and k not in execution}
     if stored.get("arch") == "conv" and "conv_channels" not in stored:   # written before the flag existed,
         args = ckpt["model_args"]                                        # when hidden_dim 0 meant 256
         stored.update(conv_channels=",".join(map(str, args.get("conv_channels") or models.LEGACY_CONV_CHANNELS)),
@@ -251,6 +353,13 @@ def merge_config(ckpt, defaults, given, may_change, what):
             raise UsageError(f"{flag(name)} {given[name]} differs from the {what}'s {saved[name]}; the {what} "
                              f"keeps its configuration (only {', '.join(sorted(map(flag, may_change)))} may change)")
     return {**saved, **{name: value for name, value in given.items() if name in may_change}}
+
+
+def upgraded(ckpt, execution):
+    """An older checkpoint's dict in today's format: the same weights and history, its config
+    without the execution settings (which held the paths of the machine that trained it)."""
+    config = {k: v for k, v in (ckpt.get("config") or {}).items() if k not in execution}
+    return {**ckpt, "format": CHECKPOINT_FORMAT, "config": config}
 
 
 def read_checkpoint(path, device):
