@@ -117,12 +117,24 @@ def test_a_rerun_skips_finished_seeds_and_the_summary_is_mean_and_sample_std(tin
     assert code == 0 and f"{summary['metrics']['test_nll']['mean']:.6g}" in out
 
 
-def test_a_stopped_seed_resumes_from_its_checkpoint_as_if_never_stopped(tiny_mnist, tmp_path, capsys, in_process_runs):
-    """Seed 1 stopped as by kill (SIGTERM -> KeyboardInterrupt) in its epoch 2 of 2: the run keeps
-    epoch 1's checkpoint.pt, the sweep fails it; the same command then resumes it in its folder and
-    ends where an uninterrupted run ends."""
+@contextlib.contextmanager
+def interrupted_in_the_final_report():
+    def final_report(*args, **kwargs):
+        raise KeyboardInterrupt
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(main, "final_report", final_report)
+        yield
+
+
+@pytest.mark.parametrize("stopped", ["in epoch 2", "in the final report"])
+def test_a_stopped_seed_resumes_from_its_checkpoint_as_if_never_stopped(tiny_mnist, tmp_path, capsys, in_process_runs,
+                                                                        stopped):
+    """Seed 1 stopped as by kill (SIGTERM -> KeyboardInterrupt) in its epoch 2 of 2, or after both
+    epochs in the final report: the run keeps its last epoch's checkpoint.pt and has no final
+    report, the sweep fails it; the same command then resumes it in its folder and ends where an
+    uninterrupted run ends."""
     args = [*tiny(tiny_mnist, "--epochs", 2), "--seeds", "1", "--out-dir", tmp_path / "sweeps"]
-    with interrupted_in_epoch(2):
+    with interrupted_in_epoch(2) if stopped == "in epoch 2" else interrupted_in_the_final_report():
         code, out, _ = sweep_in_process(capsys, *args)
     folder = next((tmp_path / "sweeps").iterdir())
     assert code == 1 and f"seed 1: failed (exit code 130), see {folder / 'seed1.log'}" in out
