@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -199,6 +200,20 @@ def test_the_summary_of_one_class_and_eval_records():
     assert table["a"] == {"mean": 2.5, "std": pytest.approx(np.std([1, 4], ddof=1)), "n": 2, "values": [1.0, 4.0],
                           "runs": ["r1", "r2"]}
     assert table["b"] == {"mean": 2, "std": None, "n": 1, "values": [2], "runs": ["r1"]}
+
+
+def test_the_documents_sweep_commands_pass_the_sweeps_checks(monkeypatch):
+    """Every `python sweep.py ...` that runs seeds in README.md and docs/ passes what the sweep checks
+    before it writes anything (main.py's checks included); no run is started."""
+    import test_docs
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sweep.shutil, "which", lambda name: "/usr/bin/" + name)     # Slurm or not
+    found = [test_docs.fill_placeholders(c) for doc in test_docs.DOCS for c in test_docs.commands(doc)
+             if c.startswith("python sweep.py") and "--summarize" not in c]
+    assert len(found) >= 3
+    for command in found:
+        opts, main_args = sweep.make_parser().parse_known_args(shlex.split(command)[2:])
+        sweep.check_sweep(opts, main_args, sweep.parse_seeds(opts.seeds))
 
 
 # ------------------------------------------------------------------------------------------------
