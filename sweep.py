@@ -55,6 +55,8 @@ def make_parser():
 # Checking the command: every run's flags pass main.py's own checks before anything is written
 # ------------------------------------------------------------------------------------------------
 def parse_seeds(text):
+    if text is None:
+        raise UsageError("give the seeds to run: --seeds 1,2,3")
     try:
         seeds = [int(s) for s in (text or "").split(",")]
     except ValueError:
@@ -225,8 +227,8 @@ def sweep(opts, main_args):
             failed = launch_local(tasks, opts.workers, os.getcwd())
         elif tasks:
             failed = launch_slurm(tasks, opts, folder / "slurm", os.getcwd())
-        finished = [run for seed in seeds if (run := seed_state(folder / f"seed{seed}"))[0] == "finished"]
-        finished = [run for _, run in finished]
+        states = [seed_state(folder / f"seed{seed}") for seed in seeds]
+        finished = [run for state, run in states if state == "finished"]
         if finished:
             table = summary(finished)
             runs.save_json({"command": ["sweep.py", *main_args, "--seeds", opts.seeds], "seeds": seeds,

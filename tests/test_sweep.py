@@ -157,6 +157,7 @@ def test_a_stopped_seed_resumes_from_its_checkpoint_as_if_never_stopped(tiny_mni
 @pytest.mark.parametrize("args, message", [
     (["@configs/no-such-recipe.args"], "No such file or directory: 'configs/no-such-recipe.args'"),
     (["--seeds", ""], "--seeds '': give distinct integer seeds"),
+    (["--seeds"], "argument --seeds: expected one argument"),
     (["--seeds", "1,x"], "--seeds '1,x': give distinct integer seeds"),
     (["--seeds", "2,2"], "--seeds '2,2': give distinct integer seeds"),
     (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
@@ -176,6 +177,12 @@ def test_bad_input_gets_one_line_and_exit_code_2_before_anything_is_written(tmp_
     code, out, err = sweep_in_process(capsys, *argv)
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "out").exists() and in_process_runs == []
+
+
+def test_a_sweep_needs_seeds(tmp_path, capsys):
+    code, _, err = sweep_in_process(capsys, *TINY, "--out-dir", tmp_path / "o")
+    assert code == 2 and err.strip() == "error: give the seeds to run: --seeds 1,2,3"
+    assert not (tmp_path / "o").exists()
 
 
 def test_slurm_is_refused_without_sbatch(tmp_path, capsys, monkeypatch):
