@@ -199,11 +199,13 @@ def summarize(run_dirs):
     if len(set(seeds)) != len(seeds) or len(seeds) < 2:
         raise runs.UsageError(f"give two or more runs with distinct seeds, got seeds {seeds}: "
                               f"a mean ± std needs independent runs")
+    # the mean ± std is runs.summarize's, the one summary of runs (sweep.py's too), on AUROCs in %
+    percent = [{name: 100 * value for name, value in runs.end_metrics(r).items()} for r in run_dirs]
+    stats = runs.summarize(percent, run_dirs)
     table = {}
     for name in loaded[0]["mean_auroc"]:
-        aurocs = {d: [100 * run["per_digit"][d]["auroc"][name] for run in loaded] for d in loaded[0]["per_digit"]}
-        aurocs["mean"] = [100 * run["mean_auroc"][name] for run in loaded]
-        table[name] = {d: (float(np.mean(a)), float(np.std(a, ddof=1))) for d, a in aurocs.items()}
+        rows = {d: f"per_digit.{d}.auroc.{name}" for d in loaded[0]["per_digit"]} | {"mean": f"mean_auroc.{name}"}
+        table[name] = {d: (stats[key]["mean"], stats[key]["std"]) for d, key in rows.items()}
     return table, seeds
 
 

@@ -13,6 +13,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -186,6 +187,48 @@ def write_metrics(run_dir, config, net, history, provenance=None, **extra):
                **({"earlier_finals": earlier} if earlier else {}), **extra,
                **({"provenance": provenance} if provenance else {}),
                **({"earlier_provenance": before} if before else {})}, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Several runs of one command: the numbers each reports at its end, their mean ± std
+# ------------------------------------------------------------------------------------------------
+def end_metrics(run_dir):
+    """{name: number} that a run folder's metrics.json reports at its end: the `final` report of a
+    training run, the `eval` of an --eval run, or the AUROCs of a --one-class run; nested names
+    joined with dots (sample_accuracy.overall), lists (per latent dimension) left out."""
+    record = read_json(Path(run_dir) / "metrics.json")
+    for key in ("final", "eval"):
+        if isinstance(record.get(key), dict):
+            return scalars(record[key])
+    if record.get("mean_auroc") and record.get("per_digit"):
+        return scalars({"mean_auroc": record["mean_auroc"],
+                        "per_digit": {d: {"auroc": r["auroc"]} for d, r in record["per_digit"].items()}})
+    raise UsageError(f"{run_dir}: no metrics.json with a final report there (a run of main.py that finished writes one)")
+
+
+def scalars(tree, prefix=""):
+    """{dotted name: number} of the ints and floats in a nested dict (not booleans, not lists)."""
+    out = {}
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            out.update(scalars(value, f"{prefix}{name}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}{name}"] = value
+    return out
+
+
+def summarize(metrics, run_dirs):
+    """{name: {mean, std, n, values, runs}} over runs, for every name in metrics (one {name: number}
+    per run, in the order of run_dirs): the sample standard deviation (n − 1 in the denominator),
+    None for a single run. A number some runs lack is summarised over those that have it."""
+    names = list(dict.fromkeys(name for m in metrics for name in m))
+    table = {}
+    for name in names:
+        have = [(m[name], str(r)) for m, r in zip(metrics, run_dirs) if name in m]
+        values = [v for v, _ in have]
+        table[name] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+                       "n": len(values), "values": values, "runs": [r for _, r in have]}
+    return table
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """Tiny MNIST-format data written by the tests themselves: no network, no real data needed."""
+import contextlib
 import struct
 import sys
 from pathlib import Path
@@ -54,3 +55,22 @@ def make_tiny_mnist(root, n_train=96, n_test=48):
 @pytest.fixture
 def tiny_mnist(tmp_path):
     return make_tiny_mnist(tmp_path / "data")
+
+
+
+@contextlib.contextmanager
+def interrupted_in_epoch(stop):
+    """Inside: main.train_epoch raises KeyboardInterrupt, as Ctrl-C or kill's SIGTERM would
+    (runs.stop_on_sigterm), when epoch `stop` begins; the epochs before it run as they would."""
+    import main
+    real = main.train_epoch
+
+    def train_epoch(net, optimizer, x, y, cfg, generator, epoch):
+        if epoch == stop:
+            raise KeyboardInterrupt
+        return real(net, optimizer, x, y, cfg, generator, epoch)
+    main.train_epoch = train_epoch
+    try:
+        yield
+    finally:
+        main.train_epoch = real

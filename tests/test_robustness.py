@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, make_tiny_mnist
+from conftest import ROOT, interrupted_in_epoch, make_tiny_mnist
 import main
 import data
 import judge
@@ -514,22 +514,15 @@ def test_eval_records_the_settings_it_used_not_the_checkpoints(trained_run, tiny
     assert metrics["trained_config"]["seed"] == 1 and "max_batches" not in metrics["trained_config"]
 
 
-def test_resuming_a_finished_run_keeps_its_final_report(trained_run, tiny_mnist, capsys, monkeypatch):
+def test_resuming_a_finished_run_keeps_its_final_report(trained_run, tiny_mnist, capsys):
     first = json.loads((trained_run / "metrics.json").read_text())["final"]
-    real = main.train_epoch
-
-    def interrupted_in_epoch_3(net, optimizer, x, y, cfg, generator, epoch):
-        if epoch == 3:
-            raise KeyboardInterrupt
-        return real(net, optimizer, x, y, cfg, generator, epoch)
-    monkeypatch.setattr(main, "train_epoch", interrupted_in_epoch_3)
-    code, _, err = main_in_process(capsys, "--resume", trained_run / "checkpoint.pt", "--epochs", 3,
-                                   "--data-dir", tiny_mnist)
+    with interrupted_in_epoch(3):
+        code, _, err = main_in_process(capsys, "--resume", trained_run / "checkpoint.pt", "--epochs", 3,
+                                       "--data-dir", tiny_mnist)
     assert code == 130, err
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert "final" not in metrics                                # the resumed run has not finished
     assert metrics["earlier_finals"] == [{**first, "run_epochs": 1}]     # but the finished one's report stays
-    monkeypatch.setattr(main, "train_epoch", real)
     main.main(["--resume", str(trained_run / "checkpoint.pt"), "--epochs", "3", "--data-dir", str(tiny_mnist),
                "--iw-samples", "5"])
     metrics = json.loads((trained_run / "metrics.json").read_text())
