@@ -6,7 +6,7 @@ it opens from disk in any current browser with no server, no download and no CDN
 posterior means of a few thousand test digits on the plane of the two most informative latent
 dimensions (by KL), decodes any point of that plane live, moves z with sliders, draws a digit on
 a pad and encodes it, interpolates between two test digits and lists the run's metrics. The
-template (HTML, CSS, JavaScript) is assets/explorer_template.html; this module fills in a JSON
+template (HTML, CSS, JavaScript) is explorer_template.html, beside this file; this module fills in a JSON
 payload.
 
 Weights travel as float16 (little-endian, base64). Rounding the weights to float16 moves the
@@ -41,7 +41,7 @@ import torch
 import runs
 from models import CVAE, seeded
 
-TEMPLATE = Path(__file__).resolve().parent / "assets" / "explorer_template.html"
+TEMPLATE = Path(__file__).resolve().parent / "explorer_template.html"
 N_POINTS = 2500        # test digits on the latent plane
 N_CHECK_CODES = 6      # z the self-test decodes (CVAE: each with its own label)
 N_CHECK_IMAGES = 4     # test digits the self-test encodes
@@ -154,10 +154,10 @@ def page_payload(net, x, y, metrics, kl_per_dim, pictures, seed):
             "float16_error": float16_error(net, net16, x, y, seed)}
 
 
-def fill_template(payload):
+def fill_template(payload, template_path=TEMPLATE):
     """The template with the payload in its script tag ("</" escaped so no string can close the tag)."""
     text = json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")
-    template = TEMPLATE.read_text(encoding="utf-8")
+    template = Path(template_path).read_text(encoding="utf-8")
     assert template.count("/*PAYLOAD*/null") == 1, "the template's payload placeholder is missing"
     return template.replace("/*PAYLOAD*/null", text)
 
