@@ -32,17 +32,20 @@ Hash parameters the page reads (for tests and demonstrations):
 """
 import base64
 import copy
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 import runs
 from models import CVAE, seeded
 
 TEMPLATE = Path(__file__).resolve().parent / "explorer_template.html"
 N_POINTS = 2500        # test digits on the latent plane
+SPRITE_COLUMNS = 50    # the plane's test digits travel as one PNG, 50 digits to a row
 N_CHECK_CODES = 6      # z the self-test decodes (CVAE: each with its own label)
 N_CHECK_IMAGES = 4     # test digits the self-test encodes
 N_FLOAT16 = 256        # codes and test digits on which the float16 rounding is measured
@@ -92,7 +95,20 @@ def latent_points(net, x, y, seed):
     with seeded(torch.device("cpu"), seed):
         idx = torch.randperm(len(x))[:N_POINTS]
     mu = posterior_means(net, x[idx], y[idx])
-    return {"n": len(idx), "mu": b64(mu.numpy(), "<f2"), "labels": "".join(str(int(d)) for d in y[idx])}
+    return {"n": len(idx), "mu": b64(mu.numpy(), "<f2"), "labels": "".join(str(int(d)) for d in y[idx]),
+            "sprite": sprite_png(x[idx]), "sprite_columns": SPRITE_COLUMNS}
+
+
+def sprite_png(x):
+    """The digits x (n, 1, 28, 28) as one greyscale PNG, SPRITE_COLUMNS to a row, dark ink on white,
+    as a data: URL: the page shows the digit under the mouse from it."""
+    n, rows = len(x), -(-len(x) // SPRITE_COLUMNS)
+    ink = np.full((rows * SPRITE_COLUMNS, 28, 28), 255, np.uint8)
+    ink[:n] = 255 - (x.reshape(n, 28, 28).numpy() * 255).round().astype(np.uint8)
+    sheet = ink.reshape(rows, SPRITE_COLUMNS, 28, 28).transpose(0, 2, 1, 3).reshape(rows * 28, SPRITE_COLUMNS * 28)
+    buffer = io.BytesIO()
+    Image.fromarray(sheet, "L").save(buffer, "PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def pixel_means(net, z, y):
