@@ -4,8 +4,9 @@ The page holds the model's weights and runs its encoder and decoder in plain Jav
 networks of models.py written out layer by layer: Linear, ReLU/tanh, Conv2d, ConvTranspose2d), so
 it opens from disk in any current browser with no server, no download and no CDN. It shows the
 posterior means of a few thousand test digits on the plane of the two most informative latent
-dimensions (by KL), decodes any point of that plane live, moves z with sliders, draws a digit on
-a pad and encodes it, interpolates between two test digits and lists the run's metrics. The
+dimensions (by KL), decodes any point of that plane live (by mouse, touch or keyboard), moves z
+with sliders, draws a digit on a pad and encodes it after normalising it as MNIST's digits were,
+interpolates between two test digits and lists the run's metrics (docs/explorer.md). The
 template (HTML, CSS, JavaScript) is explorer_template.html, beside this file; this module fills in a JSON
 payload.
 
@@ -21,11 +22,14 @@ float32 model beside it.
 Page sizes: the default MLP VAE (784-400-20) 2.0 MB, the default MLP CVAE (latent 2) 1.85 MB, the
 default conv VAE (channels 32-64-128, 500 units, latent 20: 6.5 million weights) 17.7 MB; the
 shipped checkpoints 1.6 MB (the MLPs of 2 x 200 units, latent 50) and 5.0 MB (the conv VAE with
-channels 32-64 and 256 units).
+channels 32-64 and 256 units); the 2,500 test digits as a PNG (the thumbnails on the plane) add
+about 0.6 MB to each.
 
 Hash parameters the page reads (for tests and demonstrations):
   #selftest           decode the embedded codes and encode the embedded digits, compare with PyTorch
   #z=z1,z2,...&y=d    decode that code (CVAE: with label d); the 784 pixel means go into #decoded
+                      (the page writes its own state back as #z=...&y=...&a=...&b=..., and names
+                      any value it cannot use in a message)
   #a=i&b=j&t=0.5      interpolate between embedded test digits i and j, z at fraction t
   #demo=draw          draw a "0" on the pad with synthetic pointer events (the pad's own handlers)
   #drag=zx,zy         drag on the latent plane from the origin to (zx, zy), also with pointer events
