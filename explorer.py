@@ -4,9 +4,10 @@ The page holds the model's weights and runs its encoder and decoder in plain Jav
 networks of models.py written out layer by layer: Linear, ReLU/tanh, Conv2d, ConvTranspose2d), so
 it opens from disk in any current browser with no server, no download and no CDN. It shows the
 posterior means of a few thousand test digits on the plane of the two most informative latent
-dimensions (by KL), decodes any point of that plane live, moves z with sliders, draws a digit on
-a pad and encodes it, interpolates between two test digits and lists the run's metrics. The
-template (HTML, CSS, JavaScript) is assets/explorer_template.html; this module fills in a JSON
+dimensions (by KL), decodes any point of that plane live (by mouse, touch or keyboard), moves z
+with sliders, draws a digit on a pad and encodes it after normalising it as MNIST's digits were,
+interpolates between two test digits and lists the run's metrics (docs/explorer.md). The
+template (HTML, CSS, JavaScript) is explorer_template.html, beside this file; this module fills in a JSON
 payload.
 
 Weights travel as float16 (little-endian, base64). Rounding the weights to float16 moves the
@@ -21,28 +22,34 @@ float32 model beside it.
 Page sizes: the default MLP VAE (784-400-20) 2.0 MB, the default MLP CVAE (latent 2) 1.85 MB, the
 default conv VAE (channels 32-64-128, 500 units, latent 20: 6.5 million weights) 17.7 MB; the
 shipped checkpoints 1.6 MB (the MLPs of 2 x 200 units, latent 50) and 5.0 MB (the conv VAE with
-channels 32-64 and 256 units).
+channels 32-64 and 256 units); the 2,500 test digits as a PNG (the thumbnails on the plane) add
+about 0.6 MB to each.
 
 Hash parameters the page reads (for tests and demonstrations):
   #selftest           decode the embedded codes and encode the embedded digits, compare with PyTorch
   #z=z1,z2,...&y=d    decode that code (CVAE: with label d); the 784 pixel means go into #decoded
+                      (the page writes its own state back as #z=...&y=...&a=...&b=..., and names
+                      any value it cannot use in a message)
   #a=i&b=j&t=0.5      interpolate between embedded test digits i and j, z at fraction t
   #demo=draw          draw a "0" on the pad with synthetic pointer events (the pad's own handlers)
   #drag=zx,zy         drag on the latent plane from the origin to (zx, zy), also with pointer events
 """
 import base64
 import copy
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 import runs
 from models import CVAE, seeded
 
-TEMPLATE = Path(__file__).resolve().parent / "assets" / "explorer_template.html"
+TEMPLATE = Path(__file__).resolve().parent / "explorer_template.html"
 N_POINTS = 2500        # test digits on the latent plane
+SPRITE_COLUMNS = 50    # the plane's test digits travel as one PNG, 50 digits to a row
 N_CHECK_CODES = 6      # z the self-test decodes (CVAE: each with its own label)
 N_CHECK_IMAGES = 4     # test digits the self-test encodes
 N_FLOAT16 = 256        # codes and test digits on which the float16 rounding is measured
@@ -92,7 +99,20 @@ def latent_points(net, x, y, seed):
     with seeded(torch.device("cpu"), seed):
         idx = torch.randperm(len(x))[:N_POINTS]
     mu = posterior_means(net, x[idx], y[idx])
-    return {"n": len(idx), "mu": b64(mu.numpy(), "<f2"), "labels": "".join(str(int(d)) for d in y[idx])}
+    return {"n": len(idx), "mu": b64(mu.numpy(), "<f2"), "labels": "".join(str(int(d)) for d in y[idx]),
+            "sprite": sprite_png(x[idx]), "sprite_columns": SPRITE_COLUMNS}
+
+
+def sprite_png(x):
+    """The digits x (n, 1, 28, 28) as one greyscale PNG, SPRITE_COLUMNS to a row, dark ink on white,
+    as a data: URL: the page shows the digit under the mouse from it."""
+    n, rows = len(x), -(-len(x) // SPRITE_COLUMNS)
+    ink = np.full((rows * SPRITE_COLUMNS, 28, 28), 255, np.uint8)
+    ink[:n] = 255 - (x.reshape(n, 28, 28).numpy() * 255).round().astype(np.uint8)
+    sheet = ink.reshape(rows, SPRITE_COLUMNS, 28, 28).transpose(0, 2, 1, 3).reshape(rows * 28, SPRITE_COLUMNS * 28)
+    buffer = io.BytesIO()
+    Image.fromarray(sheet, "L").save(buffer, "PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def pixel_means(net, z, y):
@@ -154,10 +174,10 @@ def page_payload(net, x, y, metrics, kl_per_dim, pictures, seed):
             "float16_error": float16_error(net, net16, x, y, seed)}
 
 
-def fill_template(payload):
+def fill_template(payload, template_path=TEMPLATE):
     """The template with the payload in its script tag ("</" escaped so no string can close the tag)."""
     text = json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")
-    template = TEMPLATE.read_text(encoding="utf-8")
+    template = Path(template_path).read_text(encoding="utf-8")
     assert template.count("/*PAYLOAD*/null") == 1, "the template's payload placeholder is missing"
     return template.replace("/*PAYLOAD*/null", text)
 
