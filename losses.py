@@ -42,8 +42,8 @@ def log_bernoulli(x, x_logits):
     computed the same way.
 
     Why the library's function: a hand-written forward and backward (benchmarks/epoch_speed.py
-    keeps it and times both) was 4.4x faster on an AMD EPYC but no faster on two Intel Xeons,
-    and a reference implementation keeps hand-written code only where it pays everywhere.
+    keeps it and times both) was faster on one CPU and not on others (docs/speed.md), and a
+    reference implementation keeps hand-written code only where it pays everywhere.
     """
     if x.shape != x_logits.shape or x.dim() < 2:
         raise ValueError(f"log_bernoulli needs x and x_logits of one shape (n, ...), a batch of n images, "
