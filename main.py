@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import anomaly
 import data
+import explorer
 import imputation
 import judge
 import losses
@@ -155,6 +156,7 @@ def train(kind, cfg, device, sets, resume=None):
         report, neg_elbo = final_report(net, cfg, epoch, test_set)
         runs.write_metrics(run_dir, config, net, history, final=report)
         viz.draw_run(net, *test_set, history, report, neg_elbo, run_dir, cfg.seed)
+        write_page(net, test_set, report, run_dir, cfg.seed)
     return run_dir
 
 
@@ -163,6 +165,12 @@ def build_net(kind, cfg, device):
     latent_dim = cfg.cvae_latent_dim if kind == "cvae" else cfg.latent_dim
     return models.build_model(kind, cfg.arch, latent_dim, cfg.hidden_dim, cfg.hidden_layers, cfg.activation,
                               conv_channels(cfg)).to(device)
+
+
+def write_page(net, test_set, report, run_dir, seed):
+    """explorer.html, after the pictures, so that the page links every one of them."""
+    explorer.write_explorer(net, *test_set, report, run_dir / "explorer.html", report["kl_per_dim"],
+                            pictures=sorted(p.name for p in Path(run_dir).glob("*.png")), seed=seed)
 
 
 def run_name(prefix, cfg=None):
@@ -373,6 +381,7 @@ def evaluate_checkpoint(path, cfg, given):
                     "trained_config": ckpt.get("config"), "model_args": args, "eval": report,
                     "epochs": ckpt.get("history", [])}, run_dir / "metrics.json")
     viz.draw_run(net, *test_set, ckpt.get("history"), report, neg_elbo, run_dir, run_cfg.seed)
+    write_page(net, test_set, report, run_dir, run_cfg.seed)
     return run_dir
 
 

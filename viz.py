@@ -14,7 +14,6 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid, save_image
 
-import explorer
 from data import EVAL_BATCH_SIZE, batches
 from models import CVAE, N_CLASSES, reparameterize, seeded
 
@@ -507,8 +506,7 @@ def gallery(net, x, y, history, run_dir, seed, kl_per_dim, scores):
 
 def draw_run(net, x, y, history, report, scores, run_dir, seed):
     """Every picture of a trained or evaluated model into run_dir: the three grids, samples by class
-    for the CVAE, the gallery above, the KL per dimension, and explorer.html (explorer.py), the page
-    to play with the model. report: the run's final report (its
+    for the CVAE, the gallery above, the KL per dimension. report: the run's final report (its
     kl_per_dim orders the traversals, its unit_variance marks the active units); scores: the −ELBO
     of each image of x, the anomaly pictures' scores."""
     run_dir = Path(run_dir)
@@ -520,6 +518,3 @@ def draw_run(net, x, y, history, report, scores, run_dir, seed):
         samples_by_class(net, run_dir / "samples_by_class.png", seed=seed)
     gallery(net, x, y, history, run_dir, seed, report["kl_per_dim"], scores)
     kl_bars(report["kl_per_dim"], report["unit_variance"], run_dir / "kl_per_dim.png", model_title(net))
-    # last, so that the page links every picture above
-    explorer.write_explorer(net, x, y, report, run_dir / "explorer.html", report["kl_per_dim"],
-                            pictures=sorted(p.name for p in run_dir.glob("*.png")), seed=seed)

@@ -200,6 +200,7 @@ def test_each_epoch_trains_at_the_scheduled_learning_rate(tiny_mnist, tmp_path, 
         return real(net, optimizer, x, y, cfg, generator, epoch)
     monkeypatch.setattr(main, "train_epoch", recording)
     monkeypatch.setattr(viz, "draw_run", lambda *args, **kwargs: None)
+    monkeypatch.setattr(main, "write_page", lambda *args, **kwargs: None)
     main.main(list(map(str, ["--model", "vae", "--hidden-dim", 16, "--latent-dim", 2, "--lr", 2e-3,
                              "--lr-schedule", schedule, "--epochs", epochs, "--max-batches", 1, "--val-size", 0,
                              "--iw-samples", 0, "--data-dir", tiny_mnist, "--out-dir", tmp_path])))
