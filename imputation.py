@@ -29,7 +29,6 @@ import torch
 import data
 import losses
 import models
-import runs
 from viz import draw_grid, figure, grid_size, save_figure
 
 N_CHAINS = 20           # M: completions per image, one mixture component each
@@ -127,19 +126,8 @@ def conditional_nll(net, x, k, seed, n_given=(1, 2, 3)):
 
 
 # ---------------------------------------------------------------------------------------------
-# --impute: check the checkpoint, score the test set, draw completions
+# --impute: the report and the completions
 # ---------------------------------------------------------------------------------------------
-def check_checkpoint(path, ckpt):
-    """Only an unconditional VAE trained on binary pixels has the p(x) this task needs."""
-    if ckpt["model_args"]["model"] != "vae":
-        raise runs.UsageError(f"{path} holds a {ckpt['model_args']['model'].upper()}: --impute needs an "
-                              f"unconditional VAE's p(x) (e.g. checkpoints/vae-mlp-binarized.pt)")
-    if (ckpt.get("config") or {}).get("binarize", "none") == "none":
-        raise runs.UsageError(f"{path} was trained on grey pixels (--binarize none), so its Bernoulli p(x|z) "
-                              f"is no likelihood of binary images: --impute needs a model trained with "
-                              f"--binarize dynamic (e.g. checkpoints/vae-mlp-binarized.pt)")
-
-
 def metrics(result, iw_samples, n_images):
     """The run's numbers: −log p(x) and −log p(x_h|x_o) for 1, 2, 3 given quadrants (nats, test mean),
     beside the proposal's settings and Pyro's. result: conditional_nll's."""

@@ -475,7 +475,7 @@ def stopping_one_class(run_dir):
 def impute(path, cfg, device):
     """--impute: −log p(x_h|x_o) of the binarized test digits given 1, 2, 3 quadrants (imputation.py)."""
     net, ckpt = runs.read_checkpoint(path, device)
-    imputation.check_checkpoint(path, ckpt)
+    check_binarized_vae(path, ckpt, "--impute")
     if cfg.iw_samples < 1:
         raise UsageError("--impute estimates log-likelihoods: give --iw-samples 1 or more")
     _, _, (x_test, y_test) = data.load_sets(cfg.data_dir, 0, "dynamic", device)
@@ -494,11 +494,23 @@ def impute(path, cfg, device):
     return run_dir
 
 
+def check_binarized_vae(path, ckpt, mode):
+    """--impute and --compress need p(x) of binary images: an unconditional VAE (a CVAE needs each
+    image's label) trained on binary pixels (a Bernoulli p(x|z) fitted to grey ones is no such model)."""
+    if ckpt["model_args"]["model"] != "vae":
+        raise UsageError(f"{path} holds a {ckpt['model_args']['model'].upper()}: {mode} needs an unconditional "
+                         f"VAE's p(x) (e.g. checkpoints/vae-mlp-binarized.pt)")
+    if (ckpt.get("config") or {}).get("binarize", "none") != "dynamic":
+        raise UsageError(f"{path} was trained on grey pixels (--binarize none), so its Bernoulli p(x|z) is no "
+                         f"model of binary images: {mode} needs a VAE trained with --binarize dynamic "
+                         f"(e.g. checkpoints/vae-mlp-binarized.pt)")
+
+
 def compress(path, cfg):
     """--compress CKPT: the binarized test set coded into one file by bits-back coding, on the CPU."""
     import bbans            # here, not at the top: its entropy coder (constriction) serves this mode only
     net, ckpt = runs.read_checkpoint(path, torch.device("cpu"))
-    bbans.check_vae(path, ckpt)
+    check_binarized_vae(path, ckpt, "--compress")
     x_test = bbans.binarized_test_set(cfg.data_dir)
     neg_elbo = evaluate(net, x_test, torch.zeros(len(x_test), dtype=torch.long),
                         (ckpt.get("config") or {}).get("seed", 1))["test_neg_elbo"]
@@ -510,7 +522,7 @@ def decompress(compressed, checkpoint, cfg):
     """--decompress FILE --checkpoint CKPT: the images back, decoded before any folder is made."""
     import bbans
     net, ckpt = runs.read_checkpoint(checkpoint, torch.device("cpu"))
-    bbans.check_vae(checkpoint, ckpt)
+    check_binarized_vae(checkpoint, ckpt, "--decompress")
     x_bits, seconds = bbans.decompress_command(compressed, net)
     run_dir = runs.make_run_dir(cfg.out_dir, run_name("bbans-decompress"))
     bbans.write_decompressed(compressed, checkpoint, x_bits, seconds, run_dir)
