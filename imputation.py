@@ -29,7 +29,7 @@ import torch
 import data
 import losses
 import models
-from viz import draw_grid, figure, grid_size, save_figure
+from viz import complete, draw_grid, figure, grid_size, save_figure
 
 N_CHAINS = 20           # M: completions per image, one mixture component each
 CHAIN_STEPS = 50        # steps of each completion chain
@@ -63,15 +63,12 @@ def hidden_mask(n_given, shape=(1, 28, 28)):
 def completion_chains(x, hidden, encode, decode, n_chains=N_CHAINS, steps=CHAIN_STEPS):
     """(mu, logvar) of q(z|x_o, x̂_h^m), each (M, n, latent_dim), and the completions x̂ (M, n, ...).
 
-    Each chain starts with the hidden pixels at 0 and repeats: z ~ q(z|x̂), x̂_h ~ Bernoulli(σ(l(z))),
-    the observed pixels held at x. A pseudo-Gibbs chain whose samples approximate p(x_h|x_o)
-    [Rezende, Mohamed & Wierstra 2014, arXiv:1401.4082]. Random: seed outside.
+    Each is viz.complete's chain with the hidden pixels started at 0 and drawn at every step,
+    z ~ q(z|x̂), x̂_h ~ Bernoulli(σ(l(z))), the observed pixels held at x: a pseudo-Gibbs chain whose
+    samples approximate p(x_h|x_o) [Rezende, Mohamed & Wierstra 2014]. Random: seed outside.
     """
     x_rep = x.repeat(n_chains, *[1] * (x.dim() - 1))                   # (M * n, ...), chain-major
-    x_hat = torch.where(hidden, torch.zeros_like(x_rep), x_rep)
-    for _ in range(steps):
-        z = models.reparameterize(*encode(x_hat))
-        x_hat = torch.where(hidden, torch.bernoulli(torch.sigmoid(decode(z).view_as(x_rep))), x_rep)
+    x_hat = complete(encode, decode, x_rep, hidden, steps, start="zeros", pixels="samples")
     mu, logvar = encode(x_hat)
     return mu.view(n_chains, len(x), -1), logvar.view(n_chains, len(x), -1), x_hat.view(n_chains, *x.shape)
 
@@ -160,6 +157,7 @@ def completions_figure(net, x, y, seed, path, n_samples=6):
         images = torch.cat([x[idx, None], shown[:, None], filled], 1).flatten(0, 1)
         draw_grid(ax, images, n_samples + 2, col_labels=["original", "given"] + [str(i + 1) for i in range(n_samples)])
         ax.set_title(f"{q} quadrant{'s' * (q > 1)} given", fontsize=10)
-    fig.suptitle("VAE completions of binarized test digits: hidden pixels = decoder means σ(l(z)),\n"
-                 f"z ~ q(z|x_o, x̂_h) of {n_samples} independent completion chains ({CHAIN_STEPS} steps)", fontsize=10)
+    fig.suptitle("VAE completions of binarized test digits: hidden pixels from 0, drawn ~ Bernoulli at each of "
+                 f"{CHAIN_STEPS} steps;\nshown: the decoder means σ(l(z)) at z ~ q(z|x_o, x̂_h), one chain per column",
+                 fontsize=10)
     save_figure(fig, path)
