@@ -35,7 +35,8 @@ from runs import UsageError
 
 # ------------------------------------------------------------------------------------------------
 # Hyperparameters: the one source of truth. Every field is also a flag (latent_dim -> --latent-dim).
-# Defaults are the PyTorch example's protocol (784-400-20, Adam 1e-3, batch 128, 10 epochs, seed 1).
+# Defaults: the PyTorch example's model and optimiser (784-400-20, Adam 1e-3, batch 128, 10 epochs,
+# seed 1), with the last 10,000 training images held out to validate (--val-size 0: none).
 # ------------------------------------------------------------------------------------------------
 def option(default, help):
     """A field of Config or Mode, and so a flag: its default and the help --help prints."""
