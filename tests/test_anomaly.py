@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fake_digits
+from conftest import bar, fake_digits, painting_vae
 from test_cli import main_in_process
 
 import anomaly
@@ -153,25 +153,6 @@ def test_complexity_is_the_deflate_length_and_grows_with_the_ink():
 # ---------------------------------------------------------------------------------------------
 # Orientation: a model that draws digit d must score the other digits as the anomalies
 # ---------------------------------------------------------------------------------------------
-def painting_vae(picture):
-    """A real VAE that ignores its input and z: q(z|x) = N(0, I) (so KL = 0) and p(x|z) puts
-    logits ±10 on the binary `picture` (28, 28). An image is likely under it if it is that picture."""
-    net = models.build_model("vae", "mlp", latent_dim=2, hidden_dim=8)
-    with torch.no_grad():
-        for p in [*net.enc_mu.parameters(), *net.enc_logvar.parameters(), net.decoder[-2].weight]:
-            p.zero_()
-        net.decoder[-2].bias.copy_(20 * picture.flatten() - 10)
-    return net.eval()
-
-
-def bar(digits):
-    """The picture of conftest.fake_digits's bars (rows 4 + 2d, 5 + 2d) for each of `digits`."""
-    picture = torch.zeros(28, 28)
-    for d in digits:
-        picture[4 + 2 * d: 6 + 2 * d, 4:24] = 1
-    return picture
-
-
 def binary_bars(n=60, seed=0):
     images, labels = fake_digits(n, seed)
     return (torch.tensor(images) > 127).float().unsqueeze(1), torch.tensor(labels)   # the bars, no noise
