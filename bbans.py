@@ -274,17 +274,6 @@ def cpu_name():
 # The two commands: python main.py --compress CKPT  and  --decompress FILE --checkpoint CKPT
 # (main.py reads the flags and the checkpoint and calls these)
 # ------------------------------------------------------------------------------------------------
-def check_vae(path, ckpt):
-    """Only a VAE trained on binary pixels defines a code for binary images: refuse the rest."""
-    if ckpt["model_args"]["model"] != "vae":
-        raise CompressionError(f"{path} holds a {ckpt['model_args']['model'].upper()}, which needs each image's "
-                               f"label to code it: bits-back coding here takes a VAE checkpoint")
-    if (ckpt.get("config") or {}).get("binarize", "none") != "dynamic":
-        raise CompressionError(f"{path} was trained on grey pixels (--binarize none), so its Bernoulli decoder is "
-                               f"no model of binary images: use a VAE trained with --binarize dynamic, "
-                               f"e.g. checkpoints/vae-mlp-binarized.pt")
-
-
 def binarized_test_set(data_dir):
     """The fixed binarized test set, (n, 1, 28, 28), on the CPU: the one every binarized model is scored on."""
     _, _, (x_test, _) = data.load_sets(data_dir, 0, "dynamic", torch.device("cpu"))

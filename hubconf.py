@@ -8,7 +8,7 @@ RESULTS.md says how each was trained and what it scores.
 """
 import pathlib
 
-import models
+import runs
 
 dependencies = ["torch"]
 
@@ -16,7 +16,7 @@ CHECKPOINTS = pathlib.Path(__file__).resolve().parent / "checkpoints"
 
 
 def _load(name, map_location):
-    return models.load_checkpoint(CHECKPOINTS / name, map_location=map_location)
+    return runs.read_checkpoint(CHECKPOINTS / name, map_location)[0]
 
 
 def cvae_mlp(map_location="cpu"):

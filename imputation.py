@@ -24,15 +24,12 @@ their difference is neither an upper nor a lower bound on log p(x_h|x_o), only c
 K -> ∞. An underestimated log p(x_o) makes the reported −log p(x_h|x_o) look *better*, which is
 why the proposal for x_o is made as good as we could and the K-dependence is reported.
 """
-import math
-
 import torch
 
 import data
 import losses
 import models
-import runs
-from viz import draw_grid, figure, grid_size, save_figure
+from viz import complete, draw_grid, figure, grid_size, save_figure
 
 N_CHAINS = 20           # M: completions per image, one mixture component each
 CHAIN_STEPS = 50        # steps of each completion chain
@@ -66,15 +63,12 @@ def hidden_mask(n_given, shape=(1, 28, 28)):
 def completion_chains(x, hidden, encode, decode, n_chains=N_CHAINS, steps=CHAIN_STEPS):
     """(mu, logvar) of q(z|x_o, x̂_h^m), each (M, n, latent_dim), and the completions x̂ (M, n, ...).
 
-    Each chain starts with the hidden pixels at 0 and repeats: z ~ q(z|x̂), x̂_h ~ Bernoulli(σ(l(z))),
-    the observed pixels held at x. A pseudo-Gibbs chain whose samples approximate p(x_h|x_o)
-    [Rezende, Mohamed & Wierstra 2014, arXiv:1401.4082]. Random: seed outside.
+    Each is viz.complete's chain with the hidden pixels started at 0 and drawn at every step,
+    z ~ q(z|x̂), x̂_h ~ Bernoulli(σ(l(z))), the observed pixels held at x: a pseudo-Gibbs chain whose
+    samples approximate p(x_h|x_o) [Rezende, Mohamed & Wierstra 2014]. Random: seed outside.
     """
     x_rep = x.repeat(n_chains, *[1] * (x.dim() - 1))                   # (M * n, ...), chain-major
-    x_hat = torch.where(hidden, torch.zeros_like(x_rep), x_rep)
-    for _ in range(steps):
-        z = models.reparameterize(*encode(x_hat))
-        x_hat = torch.where(hidden, torch.bernoulli(torch.sigmoid(decode(z).view_as(x_rep))), x_rep)
+    x_hat = complete(encode, decode, x_rep, hidden, steps, start="zeros", pixels="samples")
     mu, logvar = encode(x_hat)
     return mu.view(n_chains, len(x), -1), logvar.view(n_chains, len(x), -1), x_hat.view(n_chains, *x.shape)
 
@@ -104,49 +98,6 @@ def fit_components(x_obs, mu, logvar, decode_obs, steps=FIT_STEPS, lr=FIT_LR):
     return mu.detach(), logvar.detach()
 
 
-def log_mixture(z, mu, logvar, weights=None):
-    """log q_mix(z) = log Σ_m w_m N(z; μ_m, σ_m²): z (s, n, L), mu/logvar (M, n, L) -> (s, n).
-    weights (M,) sum to 1; None: the equal weights 1/M."""
-    per_component = losses.log_normal(z[:, None], mu[None], logvar[None])      # (s, M, n)
-    if weights is None:
-        return torch.logsumexp(per_component, dim=1) - math.log(len(mu))
-    return torch.logsumexp(per_component + weights.log()[None, :, None], dim=1)
-
-
-@torch.no_grad()
-def mixture_iw_log_px(x_flat, mu, logvar, decode, k, max_elements=2**20):
-    """log p(x_flat) ≈ log (1/K) Σ_i p(x|z_i) p(z_i) / q_K(z_i), sample i from component i mod M.
-
-    x_flat (n, d): the pixels that enter the likelihood; decode(z) must return their d logits.
-    Component m draws n_m of the K samples (n_m = K/M when M divides K; else the first K mod M
-    components one more, and with K < M only the first K draw at all). Each sample is weighted by
-    q_K(z) = Σ_m (n_m / K) N(z; μ_m, σ_m²), the density the K draws actually came from, which keeps
-    E[(1/K) Σ_i w_i] = Σ_m (n_m / K) ∫ q_m p / q_K dz = p(x) for every K (multiple importance
-    sampling with the balance heuristic [Veach & Guibas 1995]), so E[estimate] <= log p(x).
-    With M = 1 and the encoder's q(z|x) this is losses.iw_log_px, draw for draw (a test checks).
-    """
-    n_components, n, latent_dim = mu.shape
-    counts = torch.bincount(torch.arange(k, device=mu.device) % n_components, minlength=n_components)
-    # n_m / K, 0 for components unused; None (the equal weights 1/M, the same numbers) when M divides K
-    share = None if k % n_components == 0 else counts.to(mu.dtype) / k
-    std = torch.exp(0.5 * logvar)
-    x_centered = x_flat - 0.5
-    per_chunk = max(1, max_elements // x_centered.numel())
-    log_sum_w = torch.full((n,), -math.inf, device=mu.device, dtype=mu.dtype)
-    for start in range(0, k, per_chunk):
-        eps = torch.empty(min(per_chunk, k - start), n, latent_dim, device=mu.device, dtype=mu.dtype)
-        for eps_i in eps:                                      # one draw per sample index, as iw_log_px
-            eps_i.normal_()
-        component = torch.arange(start, start + len(eps), device=mu.device) % n_components
-        z = mu[component] + std[component] * eps                       # (s, n, L)
-        x_logits = decode(z.view(-1, latent_dim)).reshape(len(eps), n, -1)
-        # log w = log p(x|z) + log p(z) − log q_K(z)
-        log_w = (losses.log_bernoulli_samples(x_centered, x_logits) + losses.log_standard_normal(z)
-                 - log_mixture(z, mu, logvar, share))
-        log_sum_w = torch.logaddexp(log_sum_w, torch.logsumexp(log_w, dim=0))
-    return log_sum_w - math.log(k)
-
-
 def log_px_observed(x, hidden, encode, decode, k, n_chains=N_CHAINS, steps=CHAIN_STEPS, fit_steps=FIT_STEPS):
     """log p(x_o) per image (n,): the hidden pixels left out of log p(x|z), the mixture proposal."""
     observed = ~hidden.flatten()                                       # the same pixels in every image
@@ -154,7 +105,7 @@ def log_px_observed(x, hidden, encode, decode, k, n_chains=N_CHAINS, steps=CHAIN
     decode_obs = lambda z: decode(z).flatten(1)[:, observed]           # noqa: E731
     mu, logvar, _ = completion_chains(x, hidden, encode, decode, n_chains, steps)
     mu, logvar = fit_components(x_obs, mu, logvar, decode_obs, fit_steps)
-    return mixture_iw_log_px(x_obs, mu, logvar, decode_obs, k)
+    return losses.iw_log_px(x_obs, None, decode_obs, k, proposal=(mu, logvar))    # z ~ the mixture
 
 
 @torch.no_grad()
@@ -172,19 +123,8 @@ def conditional_nll(net, x, k, seed, n_given=(1, 2, 3)):
 
 
 # ---------------------------------------------------------------------------------------------
-# --impute: check the checkpoint, score the test set, draw completions
+# --impute: the report and the completions
 # ---------------------------------------------------------------------------------------------
-def check_checkpoint(path, ckpt):
-    """Only an unconditional VAE trained on binary pixels has the p(x) this task needs."""
-    if ckpt["model_args"]["model"] != "vae":
-        raise runs.UsageError(f"{path} holds a {ckpt['model_args']['model'].upper()}: --impute needs an "
-                              f"unconditional VAE's p(x) (e.g. checkpoints/vae-mlp-binarized.pt)")
-    if (ckpt.get("config") or {}).get("binarize", "none") == "none":
-        raise runs.UsageError(f"{path} was trained on grey pixels (--binarize none), so its Bernoulli p(x|z) "
-                              f"is no likelihood of binary images: --impute needs a model trained with "
-                              f"--binarize dynamic (e.g. checkpoints/vae-mlp-binarized.pt)")
-
-
 def metrics(result, iw_samples, n_images):
     """The run's numbers: −log p(x) and −log p(x_h|x_o) for 1, 2, 3 given quadrants (nats, test mean),
     beside the proposal's settings and Pyro's. result: conditional_nll's."""
@@ -217,6 +157,7 @@ def completions_figure(net, x, y, seed, path, n_samples=6):
         images = torch.cat([x[idx, None], shown[:, None], filled], 1).flatten(0, 1)
         draw_grid(ax, images, n_samples + 2, col_labels=["original", "given"] + [str(i + 1) for i in range(n_samples)])
         ax.set_title(f"{q} quadrant{'s' * (q > 1)} given", fontsize=10)
-    fig.suptitle("VAE completions of binarized test digits: hidden pixels = decoder means σ(l(z)),\n"
-                 f"z ~ q(z|x_o, x̂_h) of {n_samples} independent completion chains ({CHAIN_STEPS} steps)", fontsize=10)
+    fig.suptitle("VAE completions of binarized test digits: hidden pixels from 0, drawn ~ Bernoulli at each of "
+                 f"{CHAIN_STEPS} steps;\nshown: the decoder means σ(l(z)) at z ~ q(z|x_o, x̂_h), one chain per column",
+                 fontsize=10)
     save_figure(fig, path)

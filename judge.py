@@ -1,10 +1,11 @@
 """Does the CVAE draw the digit it is asked for? A separately trained classifier is the judge.
 
 For each digit d, samples of p(x|y = d) with z ~ N(0, I) are shown to a small convnet trained on
-MNIST (models.DigitClassifier); the share it labels d is the CVAE's sample accuracy. The judge is
+MNIST (DigitClassifier); the share it labels d is the CVAE's sample accuracy. The judge is
 trained once (about a minute on a CPU) and cached beside the data as classifier.pt.
 """
 import torch
+import torch.nn as nn
 from tqdm import tqdm
 
 import data
@@ -14,11 +15,26 @@ import runs
 CLASSIFIER_EPOCHS = 4
 
 
+class DigitClassifier(nn.Module):
+    """A small convnet that labels MNIST digits: the judge of the CVAE, telling which digit a sample
+    of p(x|y) shows. Not part of any VAE. Its test accuracy after train_classifier is in RESULTS.md."""
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),          # (n, 32, 13, 13)
+            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),         # (n, 64, 5, 5)
+            nn.Flatten(), nn.Linear(64 * 5 * 5, 128), nn.ReLU(), nn.Dropout(0.3), nn.Linear(128, models.N_CLASSES),
+        )
+
+    def forward(self, x):
+        return self.net((x - 0.1307) / 0.3081)     # MNIST's pixel mean and std; class logits (n, 10)
+
+
 def train_classifier(train_set, test_set, seed):
     """The judge: a small convnet trained on MNIST; returns (net, test accuracy)."""
     x, y = train_set
     torch.manual_seed(seed)
-    net = models.DigitClassifier().to(x.device)
+    net = DigitClassifier().to(x.device)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(CLASSIFIER_EPOCHS):
@@ -49,7 +65,7 @@ def load_classifier(data_dir, device, seed):
     if path.is_file():
         try:
             ckpt = torch.load(path, map_location=device, weights_only=True)
-            net = models.DigitClassifier().to(device)
+            net = DigitClassifier().to(device)
             net.load_state_dict(ckpt["model"])
             return net.eval(), ckpt["test_accuracy"]
         except Exception as err:        # truncated, or another project's file: train a new judge

@@ -42,8 +42,8 @@ def log_bernoulli(x, x_logits):
     computed the same way.
 
     Why the library's function: a hand-written forward and backward (benchmarks/epoch_speed.py
-    keeps it and times both) was 4.4x faster on an AMD EPYC but no faster on two Intel Xeons,
-    and a reference implementation keeps hand-written code only where it pays everywhere.
+    keeps it and times both) was faster on one CPU and not on others (docs/speed.md), and a
+    reference implementation keeps hand-written code only where it pays everywhere.
     """
     if x.shape != x_logits.shape or x.dim() < 2:
         raise ValueError(f"log_bernoulli needs x and x_logits of one shape (n, ...), a batch of n images, "
@@ -131,31 +131,40 @@ def log_bernoulli_samples(x_centered, x_logits):
     return log_px.sum(dim=-1)
 
 
-# Most logits held at once by iw_log_px. On CPU, 2^20 (4 MB) stays in cache and ran 1.6x faster
-# than 2^24 (measured on a 2-core CPU); a GPU wants large chunks, so that few kernels are launched.
-IW_MAX_ELEMENTS = {"cpu": 2**20, "cuda": 2**24}
-
-
-def log_importance_weights(x_centered, z, mu, logvar, decode):
-    """log w = log p(x|z) + log p(z) − log q(z|x) for s samples z (s, n, latent_dim) -> (s, n)."""
-    s, n, latent_dim = z.shape
-    x_logits = decode(z.view(s * n, latent_dim))
-    if x_logits.numel() != s * x_centered.numel():
-        raise ValueError(f"decode returned {tuple(x_logits.shape)} logits for {s * n} samples of z and "
-                         f"images of {x_centered.shape[1]} pixels: it must return one logit per pixel "
-                         f"for each row of z (for a CVAE, repeat the labels: see iw_log_px)")
-    log_px = log_bernoulli_samples(x_centered, x_logits.reshape(s, n, -1))
-    return log_px + log_standard_normal(z) - log_normal(z, mu, logvar)
-
-
-@torch.no_grad()
-def iw_log_px(x, encode, decode, k, max_elements=None):
+def iw_log_px_plain(x, encode, decode, k):
     """The k-sample importance-weighted estimate of log p(x), one value per image: shape (n,).
 
     log p(x) ≈ log (1/k) Σ_i w_i,   w_i = p(x|z_i) p(z_i) / q(z_i|x),   z_1..z_k ~ q(z|x)   [IWAE §3]
-    Its expectation L_k = E[log (1/k) Σ_i w_i] is a lower bound that tightens with k:
-    ELBO = L_1 <= L_k <= L_k+1 <= log p(x), and L_k -> log p(x) as k -> ∞ if the w_i are bounded
-    [IWAE §3]. IWAE's experiments (§5) report test log-likelihoods estimated this way, k = 5000.
+    Its expectation L_k is a lower bound that tightens with k: ELBO = L_1 <= L_k <= L_k+1 <= log p(x).
+    The plain version, all k samples at once; iw_log_px below is the same estimate, draw for draw,
+    in chunks that fit in memory (for k = 5000 on the test set this one would hold 4·10^10 logits).
+    """
+    mu, logvar = encode(x)                                             # q(z|x): (n, L) each
+    eps = torch.stack([torch.randn_like(mu) for _ in range(k)])        # one draw per sample i, as iw_log_px
+    z = mu + torch.exp(0.5 * logvar) * eps                             # (k, n, L), z ~ q(z|x)
+    x_logits = decode(z.flatten(0, 1)).view(k, len(x), -1)             # p(x|z): (k, n, x_dim)
+    log_px_z = log_bernoulli(x.flatten(1).expand(k, -1, -1).flatten(0, 1), x_logits.flatten(0, 1)).view(k, -1)
+    log_w = log_px_z + log_standard_normal(z) - log_normal(z, mu, logvar)          # (k, n)
+    return torch.logsumexp(log_w, dim=0) - math.log(k)
+
+
+# Most logits held at once by iw_log_px: a few MB on a CPU, which stay in its cache (docs/speed.md
+# has the measurement); a GPU wants large chunks, so that few kernels are launched.
+IW_MAX_ELEMENTS = {"cpu": 2**20, "cuda": 2**24}
+
+
+def log_mixture(z, mu, logvar, weights=None):
+    """log q_mix(z) = log Σ_m w_m N(z; μ_m, σ_m²): z (s, n, L), mu/logvar (M, n, L) -> (s, n).
+    weights (M,) sum to 1; None: the equal weights 1/M."""
+    per_component = log_normal(z[:, None], mu[None], logvar[None])     # (s, M, n)
+    if weights is None:
+        return torch.logsumexp(per_component, dim=1) - math.log(len(mu))
+    return torch.logsumexp(per_component + weights.log()[None, :, None], dim=1)
+
+
+@torch.no_grad()
+def iw_log_px(x, encode, decode, k, max_elements=None, proposal=None):
+    """iw_log_px_plain, fast: the same estimate of log p(x), draw for draw, a chunk of samples at a time.
 
     encode(x) -> (mu, logvar) of q(z|x), each (n, latent_dim); decode(z) -> logits of p(x|z).
     decode is called on z of shape (s * n, latent_dim) ordered sample-major: row i * n + j is
@@ -163,17 +172,24 @@ def iw_log_px(x, encode, decode, k, max_elements=None):
         encode = lambda x: net.encode(x, y)
         decode = lambda z: net.decode(z, y.repeat(len(z) // len(y)))
 
+    proposal: instead of q(z|x), a mixture of M Gaussians per image, (mu, logvar) each (M, n, L)
+    (imputation.py's; encode is then not called). Sample i comes from component i mod M, so
+    component m draws n_m of the k samples, and each is weighted by q_k(z) = Σ_m (n_m / k) N(z; μ_m, σ_m²),
+    the density the k draws came from: E[(1/k) Σ_i w_i] = p(x) for every k (multiple importance
+    sampling, balance heuristic [Veach & Guibas 1995]). q(z|x) is the mixture of one component.
+
     Memory: each decoder call holds at most max_elements logits (default IW_MAX_ELEMENTS for the
-    device), or one sample for every image (n * x_dim, the size of x) if that is more; pass fewer
-    images to go lower.
-    Randomness: ε is drawn one sample index at a time, ε_i ~ N(0, I) of shape (n, latent_dim), so
+    device), or one sample for every image if that is more; pass fewer images to go lower.
+    Randomness: ε_i ~ N(0, I) of shape (n, latent_dim) is drawn one sample index i at a time, so
     the estimate depends on the seed (set by the caller), not on max_elements.
     """
     if k < 1:
         raise ValueError(f"iw_log_px needs k >= 1 samples of z per image, got k={k}")
-    mu, logvar = encode(x)                                             # q(z|x), (n, latent_dim) each
+    mu, logvar = proposal if proposal is not None else [t[None] for t in encode(x)]     # (M, n, L) each
+    n_components, n, latent_dim = mu.shape
+    counts = torch.bincount(torch.arange(k, device=mu.device) % n_components, minlength=n_components)
+    share = None if k % n_components == 0 else counts.to(mu.dtype) / k     # n_m / k; None: all 1/M
     std = torch.exp(0.5 * logvar)
-    n, latent_dim = mu.shape
     x_centered = x.flatten(1) - 0.5                                    # (n, x_dim)
     max_elements = max_elements or IW_MAX_ELEMENTS.get(mu.device.type, 2**24)
     per_chunk = max(1, max_elements // x_centered.numel())             # samples of z per decoder call
@@ -182,11 +198,23 @@ def iw_log_px(x, encode, decode, k, max_elements=None):
         eps = torch.empty(min(per_chunk, k - start), n, latent_dim, device=mu.device, dtype=mu.dtype)
         for eps_i in eps:                                  # the same draws, whatever the chunk size
             eps_i.normal_()
-        z = mu + std * eps                                             # (s, n, latent_dim), z ~ q(z|x)
-        log_w = log_importance_weights(x_centered, z, mu, logvar, decode)           # (s, n)
+        component = torch.arange(start, start + len(eps), device=mu.device) % n_components
+        z = mu[component] + std[component] * eps                       # (s, n, L)
+        log_w = log_importance_weights(x_centered, z, decode) - log_mixture(z, mu, logvar, share)   # (s, n)
         # log Σ_i w_i, accumulated chunk by chunk: log(a + b) = logaddexp(log a, log b)
         log_sum_w = torch.logaddexp(log_sum_w, torch.logsumexp(log_w, dim=0))
     return log_sum_w - math.log(k)                                     # log (1/k) Σ_i w_i
+
+
+def log_importance_weights(x_centered, z, decode):
+    """log p(x|z) + log p(z) for s samples z (s, n, latent_dim) -> (s, n): log w without its − log q(z)."""
+    s, n, latent_dim = z.shape
+    x_logits = decode(z.view(s * n, latent_dim))
+    if x_logits.numel() != s * x_centered.numel():
+        raise ValueError(f"decode returned {tuple(x_logits.shape)} logits for {s * n} samples of z and "
+                         f"images of {x_centered.shape[1]} pixels: it must return one logit per pixel "
+                         f"for each row of z (for a CVAE, repeat the labels: see iw_log_px)")
+    return log_bernoulli_samples(x_centered, x_logits.reshape(s, n, -1)) + log_standard_normal(z)
 
 
 def active_units(mu, threshold=0.01):

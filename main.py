@@ -10,6 +10,7 @@ under --out-dir. Read top to bottom: the hyperparameters, train() with the epoch
 and the evaluation, the final report, the modes, the command line. Paper tags as in losses.py.
 """
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 import anomaly
 import data
+import explorer
 import imputation
 import judge
 import losses
@@ -33,8 +35,8 @@ from runs import UsageError
 
 # ------------------------------------------------------------------------------------------------
 # Hyperparameters: the one source of truth. Every field is also a flag (latent_dim -> --latent-dim).
-# Defaults: the PyTorch example's networks and optimiser (784-400-20, Adam 1e-3, batch 128, 10 epochs,
-# seed 1), trained on 50,000 images with the last 10,000 training images held out for validation.
+# Defaults: the PyTorch example's model and optimiser (784-400-20, Adam 1e-3, batch 128, 10 epochs,
+# seed 1), with the last 10,000 training images held out to validate (--val-size 0: none).
 # ------------------------------------------------------------------------------------------------
 def option(default, help):
     """A field of Config or Mode, and so a flag: its default and the help --help prints."""
@@ -166,6 +168,7 @@ def train(kind, cfg, device, sets, resumed=None):
         report, neg_elbo = final_report(net, cfg, epoch, test_set)
         runs.write_metrics(run_dir, config, net, history, provenance=runs.provenance(device), final=report)
         viz.draw_run(net, *test_set, history, report, neg_elbo, run_dir, cfg.seed)
+        write_page(net, test_set, report, run_dir, cfg.seed)
     return run_dir
 
 
@@ -186,6 +189,12 @@ def build_net(kind, cfg, device):
     latent_dim = cfg.cvae_latent_dim if kind == "cvae" else cfg.latent_dim
     return models.build_model(kind, cfg.arch, latent_dim, cfg.hidden_dim, cfg.hidden_layers, cfg.activation,
                               conv_channels(cfg)).to(device)
+
+
+def write_page(net, test_set, report, run_dir, seed):
+    """explorer.html, after the pictures, so that the page links every one of them."""
+    explorer.write_explorer(net, *test_set, report, run_dir / "explorer.html", report["kl_per_dim"],
+                            pictures=sorted(p.name for p in Path(run_dir).glob("*.png")), seed=seed)
 
 
 def run_name(prefix, cfg=None):
@@ -231,40 +240,58 @@ def kl_weight(step, steps_per_epoch, beta, warmup_epochs):
     return beta * min(1.0, step / (warmup_epochs * steps_per_epoch))
 
 
+def train_epoch(net, optimizer, x, y, cfg, generator, epoch):
+    """One pass over (x, y); returns the epoch's mean −ELBO (β = 1), −log p(x|z) and KL, in nats."""
+    net.train()
+    steps = data.n_batches(len(x), cfg.batch_size, cfg.max_batches)
+    watch = EpochWatch(net, x.device, steps, epoch, cfg)     # the NaN guard, the sums and the progress bar
+    with watch.bar(data.batches(x, y, cfg.batch_size, generator, cfg.max_batches)) as batches:
+        for step, (xb, yb) in enumerate(batches):
+            if cfg.binarize == "dynamic":
+                xb = data.binarize_dynamic(xb)                               # x ~ Bernoulli(pixels)
+            elbo, log_px, kl = elbo_terms(net, xb, yb, bf16=cfg.precision == "bf16")    # one z ~ q(z|x)
+            beta = kl_weight((epoch - 1) * steps + step, steps, cfg.beta, cfg.warmup_epochs)
+            loss = -(log_px - beta * kl).mean()        # −(log p(x|z) − β KL), averaged over the batch
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            watch.step(step, loss, elbo, log_px, kl)   # stops the run before a non-finite step is taken
+            optimizer.step()
+    return watch.means()
+
+
 # How often the NaN guard reads the device: every step on the CPU, where a read costs nothing, every
 # SYNC_EVERY-th on an accelerator, where each read stalls its queue of kernels (the bar reads it as often).
 SYNC_EVERY, GUARD_EVERY = 50, {"cpu": 1}
 
 
-def train_epoch(net, optimizer, x, y, cfg, generator, epoch):
-    """One pass over (x, y); returns the epoch's mean −ELBO (β = 1), −log p(x|z) and KL, in nats."""
-    net.train()
-    sums, count = torch.zeros(3, device=x.device), 0
-    steps = data.n_batches(len(x), cfg.batch_size, cfg.max_batches)
-    check_every = GUARD_EVERY.get(x.device.type, SYNC_EVERY)
-    finite, checked = torch.ones((), dtype=torch.bool, device=x.device), 0
-    with tqdm(data.batches(x, y, cfg.batch_size, generator, cfg.max_batches),
-              total=steps, desc=f"epoch {epoch}/{cfg.epochs}", leave=False) as bar:   # closed on errors too
-        for step, (xb, yb) in enumerate(bar):
-            if cfg.binarize == "dynamic":
-                xb = data.binarize_dynamic(xb)
-            elbo, log_px, kl = elbo_terms(net, xb, yb, bf16=cfg.precision == "bf16")
-            beta = kl_weight((epoch - 1) * steps + step, steps, cfg.beta, cfg.warmup_epochs)
-            loss = -(log_px - beta * kl).mean()        # −(log p(x|z) − β KL), averaged over the batch
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.stack([p.grad.norm() for p in net.parameters() if p.grad is not None]).norm()
-            finite &= torch.isfinite(loss + grad_norm)
-            if (step + 1) % check_every == 0 or step + 1 == steps:
-                check_finite(finite, loss, epoch, (checked + 1, step + 1), cfg.lr)
-                checked = step + 1
-            optimizer.step()
-            sums += torch.stack([-elbo.sum(), -log_px.sum(), kl.sum()]).detach()
-            count += len(xb)
-            if step % SYNC_EVERY == 0:
-                bar.set_postfix_str(f"-ELBO {-elbo.mean().item():.1f}", refresh=False)
-    neg_elbo, recon, kl = (sums / count).tolist()
-    return {"train_neg_elbo": neg_elbo, "train_recon": recon, "train_kl": kl}
+class EpochWatch:
+    """What train_epoch does besides the step: the NaN guard (is the loss, and the gradient norm,
+    finite?), the epoch's sums of the ELBO's terms, and the progress bar; on an accelerator it reads
+    the device only every SYNC_EVERY steps."""
+    def __init__(self, net, device, steps, epoch, cfg):
+        self.net, self.steps, self.epoch, self.lr, self.epochs = net, steps, epoch, cfg.lr, cfg.epochs
+        self.check_every = GUARD_EVERY.get(device.type, SYNC_EVERY)
+        self.finite, self.checked = torch.ones((), dtype=torch.bool, device=device), 0
+        self.sums, self.count = torch.zeros(3, device=device), 0
+
+    def bar(self, batches):
+        self.progress = tqdm(batches, total=self.steps, desc=f"epoch {self.epoch}/{self.epochs}", leave=False)
+        return self.progress                   # a context manager: the bar is closed on errors too
+
+    def step(self, step, loss, elbo, log_px, kl):
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        self.finite &= torch.isfinite(loss + torch.nn.utils.get_total_norm(grads))
+        if (step + 1) % self.check_every == 0 or step + 1 == self.steps:
+            check_finite(self.finite, loss, self.epoch, (self.checked + 1, step + 1), self.lr)
+            self.checked = step + 1
+        self.sums += torch.stack([-elbo.sum(), -log_px.sum(), kl.sum()]).detach()
+        self.count += len(elbo)
+        if step % SYNC_EVERY == 0:
+            self.progress.set_postfix_str(f"-ELBO {-elbo.mean().item():.1f}", refresh=False)
+
+    def means(self):
+        neg_elbo, recon, kl = (self.sums / self.count).tolist()
+        return {"train_neg_elbo": neg_elbo, "train_recon": recon, "train_kl": kl}
 
 
 def check_finite(finite, loss, epoch, batches, lr):
@@ -381,6 +408,7 @@ def evaluate_checkpoint(path, cfg, given):
                     "epochs": ckpt.get("history", []), "provenance": runs.provenance(device)},
                    run_dir / "metrics.json")
     viz.draw_run(net, *test_set, ckpt.get("history"), report, neg_elbo, run_dir, run_cfg.seed)
+    write_page(net, test_set, report, run_dir, run_cfg.seed)
     return run_dir
 
 
@@ -435,7 +463,7 @@ def one_class(digits, cfg, device):
     results = {}
     for d in digits:
         start = time.perf_counter()
-        net, history = train_one_class(x_train[y_train == d], cfg, device)
+        net, history = train_one_class(x_train[y_train == d], cfg, device, run_dir)
         seconds = time.perf_counter() - start
         trained = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in EXECUTION}
         runs.save_checkpoint(run_dir / f"digit{d}.pt", net, trained, cfg.epochs, history)
@@ -449,25 +477,40 @@ def one_class(digits, cfg, device):
     return run_dir
 
 
-def train_one_class(x, cfg, device):
-    """A VAE trained on the images x alone (one digit's), by the epoch of train(); no evaluation."""
+def train_one_class(x, cfg, device, run_dir):
+    """A VAE trained on the images x alone (one digit's), by the epoch of train(); no evaluation.
+    Ctrl-C, kill or a diverged step stop it with one line that says which digits run_dir holds."""
     torch.manual_seed(cfg.seed)
     net = build_net("vae", cfg, device)
     optimizer = models.make_optimizer(net, cfg.lr, cfg.adam_eps)
     generator = torch.Generator().manual_seed(cfg.seed)
     labels = torch.zeros(len(x), dtype=torch.long, device=device)       # unused by the VAE
     history = []
-    for epoch in range(1, cfg.epochs + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(epoch, cfg.lr, cfg.lr_schedule, cfg.epochs)
-        history.append({"epoch": epoch, **train_epoch(net, optimizer, x, labels, cfg, generator, epoch)})
+    with stopping_one_class(run_dir):
+        for epoch in range(1, cfg.epochs + 1):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch, cfg.lr, cfg.lr_schedule, cfg.epochs)
+            history.append({"epoch": epoch, **train_epoch(net, optimizer, x, labels, cfg, generator, epoch)})
     return net, history
+
+
+@contextlib.contextmanager
+def stopping_one_class(run_dir):
+    """runs.stopping_cleanly for --one-class, whose run folder holds one model per finished digit."""
+    done = sorted(int(p.stem.removeprefix("digit")) for p in Path(run_dir).glob("digit*.pt"))
+    saved = f"{run_dir} holds the models and scores of digits {done}" if done else "no digit had finished"
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise runs.Interrupted(f"interrupted: {saved}") from None
+    except runs.Diverged as err:
+        raise runs.Diverged(f"{err}; {saved}") from None
 
 
 def impute(path, cfg, device):
     """--impute: −log p(x_h|x_o) of the binarized test digits given 1, 2, 3 quadrants (imputation.py)."""
     net, ckpt = runs.read_checkpoint(path, device)
-    imputation.check_checkpoint(path, ckpt)
+    check_binarized_vae(path, ckpt, "--impute")
     if cfg.iw_samples < 1:
         raise UsageError("--impute estimates log-likelihoods: give --iw-samples 1 or more")
     _, _, (x_test, y_test) = data.load_sets(cfg.data_dir, 0, "dynamic", device)
@@ -486,11 +529,23 @@ def impute(path, cfg, device):
     return run_dir
 
 
+def check_binarized_vae(path, ckpt, mode):
+    """--impute and --compress need p(x) of binary images: an unconditional VAE (a CVAE needs each
+    image's label) trained on binary pixels (a Bernoulli p(x|z) fitted to grey ones is no such model)."""
+    if ckpt["model_args"]["model"] != "vae":
+        raise UsageError(f"{path} holds a {ckpt['model_args']['model'].upper()}: {mode} needs an unconditional "
+                         f"VAE's p(x) (e.g. checkpoints/vae-mlp-binarized.pt)")
+    if (ckpt.get("config") or {}).get("binarize", "none") != "dynamic":
+        raise UsageError(f"{path} was trained on grey pixels (--binarize none), so its Bernoulli p(x|z) is no "
+                         f"model of binary images: {mode} needs a VAE trained with --binarize dynamic "
+                         f"(e.g. checkpoints/vae-mlp-binarized.pt)")
+
+
 def compress(path, cfg):
     """--compress CKPT: the binarized test set coded into one file by bits-back coding, on the CPU."""
     import bbans            # here, not at the top: its entropy coder (constriction) serves this mode only
     net, ckpt = runs.read_checkpoint(path, torch.device("cpu"))
-    bbans.check_vae(path, ckpt)
+    check_binarized_vae(path, ckpt, "--compress")
     x_test = bbans.binarized_test_set(cfg.data_dir)
     neg_elbo = evaluate(net, x_test, torch.zeros(len(x_test), dtype=torch.long),
                         (ckpt.get("config") or {}).get("seed", 1))["test_neg_elbo"]
@@ -502,7 +557,7 @@ def decompress(compressed, checkpoint, cfg):
     """--decompress FILE --checkpoint CKPT: the images back, decoded before any folder is made."""
     import bbans
     net, ckpt = runs.read_checkpoint(checkpoint, torch.device("cpu"))
-    bbans.check_vae(checkpoint, ckpt)
+    check_binarized_vae(checkpoint, ckpt, "--decompress")
     x_bits, seconds = bbans.decompress_command(compressed, net)
     run_dir = runs.make_run_dir(cfg.out_dir, run_name("bbans-decompress"))
     bbans.write_decompressed(compressed, checkpoint, x_bits, seconds, run_dir)

@@ -364,16 +364,29 @@ def upgraded(ckpt, execution):
 
 def read_checkpoint(path, device):
     """(the model it holds, in eval mode, on device; the checkpoint dict), or a UsageError that says
-    what is wrong."""
+    what is wrong: the one reader of main.py's checkpoints."""
     if not Path(path).is_file():
         raise UsageError(f"no checkpoint at {path}: pass the path of a .pt file written by main.py")
     try:
-        return models.read_checkpoint(path, map_location=device)
-    except models.ArchitectureMismatch as err:
-        raise UsageError(f"{path}: {err}") from None
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        net = models.build_model(**{"conv_channels": models.LEGACY_CONV_CHANNELS, **ckpt["model_args"]})
+        differ = shape_mismatches(net.state_dict(), ckpt["model"])
+        if not differ:
+            net.load_state_dict(ckpt["model"])
     except Exception as err:
         raise UsageError(f"{path} is not a usable checkpoint of this project, it may be truncated "
                          f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    if differ:
+        raise UsageError(f"{path}: the checkpoint holds another architecture: {differ} (checkpoint vs model)")
+    return net.to(device).eval(), ckpt
+
+
+def shape_mismatches(own, state):
+    """The tensors of a state dict that do not fit the model's own, in words ('' if all fit)."""
+    differ = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and state[k].shape != v.shape]
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    return "; ".join(differ[:3] + [f"missing {missing[:3]}"] * bool(missing) + [f"unexpected {extra[:3]}"] * bool(extra))
 
 
 def last_good(run_dir):

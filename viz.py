@@ -14,7 +14,6 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid, save_image
 
-import explorer
 from data import EVAL_BATCH_SIZE, batches
 from models import CVAE, N_CLASSES, reparameterize, seeded
 
@@ -385,20 +384,22 @@ def bottom_half_hidden(x):
 
 
 @torch.no_grad()
-def complete(net, x, y, hidden, n_iters=50):
+def complete(encode, decode, x, hidden, steps, start="noise", pixels="means"):
     """Fill in the pixels of x where `hidden` is True; the observed pixels stay exactly as in x.
 
-    Start the hidden pixels at uniform noise, then repeat: z ~ q(z|x̂) (CVAE: q(z|x̂, y)), and
-    x̂_hidden ← σ(logits of p(x|z)), the decoder's pixel means. A pseudo-Gibbs chain in the spirit of
-    Rezende et al. 2014's imputation (arXiv:1401.4082), with a deterministic step where a Gibbs sampler
-    would draw the pixels: z is sampled, the hidden pixels are not, so a completion is a mean image
-    of p(x_hidden|z) for the chain's last z, not a sample of p(x_hidden|x_observed).
-    Random: call it inside models.seeded.
+    Start the hidden pixels at uniform noise (start="noise") or at 0 ("zeros"), then repeat:
+    z ~ q(z|x̂), and x̂_hidden ← the decoder's pixel means σ(l(z)) (pixels="means") or a draw
+    ~ Bernoulli(σ(l(z))) ("samples"). With drawn pixels a pseudo-Gibbs chain whose x̂ approximate
+    p(x_hidden|x_observed) [Rezende, Mohamed & Wierstra 2014, arXiv:1401.4082]; with means the
+    step is deterministic where a Gibbs sampler would draw, so a completion is a mean image of
+    p(x_hidden|z) for the chain's last z. encode(x) -> (mu, logvar), decode(z) -> logits: bind
+    the CVAE's labels in them. Random: call it inside models.seeded.
     """
-    x_hat = torch.where(hidden, torch.rand_like(x), x)
-    for _ in range(n_iters):
-        mu, logvar = encode(net, x_hat, y)
-        x_hat = torch.where(hidden, decode_means(net, reparameterize(mu, logvar), y), x)
+    x_hat = torch.where(hidden, torch.rand_like(x) if start == "noise" else torch.zeros_like(x), x)
+    for _ in range(steps):
+        z = reparameterize(*encode(x_hat))
+        means = torch.sigmoid(decode(z).view_as(x))
+        x_hat = torch.where(hidden, torch.bernoulli(means) if pixels == "samples" else means, x)
     return x_hat
 
 
@@ -408,13 +409,14 @@ def completions(net, x, y, path, n_samples=5, n_iters=50, seed=0):
     x_rep, y_rep = x[idx].repeat_interleave(n_samples, 0), y[idx].repeat_interleave(n_samples)
     hidden = bottom_half_hidden(x_rep)
     with seeded(x.device, seed):
-        filled = complete(net, x_rep, y_rep, hidden, n_iters).view(len(idx), n_samples, *x.shape[1:])
+        filled = complete(lambda v: net.encode(v, y_rep), lambda z: net.decode(z, y_rep), x_rep, hidden, n_iters)
+    filled = filled.view(len(idx), n_samples, *x.shape[1:])
     shown = torch.where(bottom_half_hidden(x[idx]), torch.full_like(x[idx], 0.5), x[idx])   # grey = hidden
     images = torch.cat([x[idx, None], shown[:, None], filled], 1).flatten(0, 1)
     given = " and its label" if isinstance(net, CVAE) else ""
     fig, ax = grid_figure(images, n_samples + 2,
                           f"{model_title(net)}: the bottom half filled in from the top half{given},\n"
-                          f"{n_iters} steps of z ~ {posterior_name(net)}, hidden pixels ← decoder means",
+                          f"{n_iters} steps of z ~ {posterior_name(net)}, hidden pixels from noise ← decoder means",
                           row_labels=[str(d) for d in y[idx].tolist()],
                           col_labels=["original", "input"] + [str(k + 1) for k in range(n_samples)],
                           xlabel="completions from independent chains", ylabel="test digit")
@@ -507,8 +509,7 @@ def gallery(net, x, y, history, run_dir, seed, kl_per_dim, scores):
 
 def draw_run(net, x, y, history, report, scores, run_dir, seed):
     """Every picture of a trained or evaluated model into run_dir: the three grids, samples by class
-    for the CVAE, the gallery above, the KL per dimension, and explorer.html (explorer.py), the page
-    to play with the model. report: the run's final report (its
+    for the CVAE, the gallery above, the KL per dimension. report: the run's final report (its
     kl_per_dim orders the traversals, its unit_variance marks the active units); scores: the −ELBO
     of each image of x, the anomaly pictures' scores."""
     run_dir = Path(run_dir)
@@ -520,6 +521,3 @@ def draw_run(net, x, y, history, report, scores, run_dir, seed):
         samples_by_class(net, run_dir / "samples_by_class.png", seed=seed)
     gallery(net, x, y, history, run_dir, seed, report["kl_per_dim"], scores)
     kl_bars(report["kl_per_dim"], report["unit_variance"], run_dir / "kl_per_dim.png", model_title(net))
-    # last, so that the page links every picture above
-    explorer.write_explorer(net, x, y, report, run_dir / "explorer.html", report["kl_per_dim"],
-                            pictures=sorted(p.name for p in run_dir.glob("*.png")), seed=seed)

@@ -37,7 +37,7 @@ def measure(net, x_bits, latent_bits):
     return 32 * (len(words) - clean) / (n * 784), 32 * len(words) / (n * 784), encode_seconds, decode_seconds
 
 
-def main_(argv=None):
+def benchmark(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="checkpoints/vae-mlp-binarized.pt")
     parser.add_argument("--data-dir", default="data")
@@ -60,4 +60,4 @@ def main_(argv=None):
 
 
 if __name__ == "__main__":
-    main_()
+    benchmark()

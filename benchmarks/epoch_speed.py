@@ -123,7 +123,7 @@ def bernoulli_probe(calls=300):
         f"{name} {1e6 * s:.0f} us" for name, s in best.items()))
 
 
-def main_():
+def benchmark():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1)
@@ -174,4 +174,4 @@ def main_():
 
 
 if __name__ == "__main__":
-    main_()
+    benchmark()

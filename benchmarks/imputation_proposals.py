@@ -43,7 +43,7 @@ def score(net, x, log_px, n_chains, steps, fit_steps, k, seed):
     return means
 
 
-def main_(argv=None):
+def benchmark(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="checkpoints/vae-mlp-binarized.pt")
     parser.add_argument("--data-dir", default="data")
@@ -69,4 +69,4 @@ def main_(argv=None):
 
 
 if __name__ == "__main__":
-    main_()
+    benchmark()

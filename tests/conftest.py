@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import models  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -74,3 +77,23 @@ def interrupted_in_epoch(stop):
         yield
     finally:
         main.train_epoch = real
+
+
+# Models whose answers are known: they paint a fixed picture, whatever x and z
+def painting_vae(picture):
+    """A real VAE that ignores its input and z: q(z|x) = N(0, I) (so KL = 0) and p(x|z) puts
+    logits ±10 on the binary `picture` (28, 28). An image is likely under it if it is that picture."""
+    net = models.build_model("vae", "mlp", latent_dim=2, hidden_dim=8)
+    with torch.no_grad():
+        for p in [*net.enc_mu.parameters(), *net.enc_logvar.parameters(), net.decoder[-2].weight]:
+            p.zero_()
+        net.decoder[-2].bias.copy_(20 * picture.flatten() - 10)
+    return net.eval()
+
+
+def bar(digits):
+    """The picture of conftest.fake_digits's bars (rows 4 + 2d, 5 + 2d) for each of `digits`."""
+    picture = torch.zeros(28, 28)
+    for d in digits:
+        picture[4 + 2 * d: 6 + 2 * d, 4:24] = 1
+    return picture

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fake_digits
+from conftest import bar, fake_digits, painting_vae
 from test_cli import main_in_process
 
 import anomaly
@@ -153,25 +153,6 @@ def test_complexity_is_the_deflate_length_and_grows_with_the_ink():
 # ---------------------------------------------------------------------------------------------
 # Orientation: a model that draws digit d must score the other digits as the anomalies
 # ---------------------------------------------------------------------------------------------
-def painting_vae(picture):
-    """A real VAE that ignores its input and z: q(z|x) = N(0, I) (so KL = 0) and p(x|z) puts
-    logits ±10 on the binary `picture` (28, 28). An image is likely under it if it is that picture."""
-    net = models.build_model("vae", "mlp", latent_dim=2, hidden_dim=8)
-    with torch.no_grad():
-        for p in [*net.enc_mu.parameters(), *net.enc_logvar.parameters(), net.decoder[-2].weight]:
-            p.zero_()
-        net.decoder[-2].bias.copy_(20 * picture.flatten() - 10)
-    return net.eval()
-
-
-def bar(digits):
-    """The picture of conftest.fake_digits's bars (rows 4 + 2d, 5 + 2d) for each of `digits`."""
-    picture = torch.zeros(28, 28)
-    for d in digits:
-        picture[4 + 2 * d: 6 + 2 * d, 4:24] = 1
-    return picture
-
-
 def binary_bars(n=60, seed=0):
     images, labels = fake_digits(n, seed)
     return (torch.tensor(images) > 127).float().unsqueeze(1), torch.tensor(labels)   # the bars, no noise
@@ -194,7 +175,7 @@ def test_the_one_class_mode_scores_each_digit_with_the_model_of_that_digit(tiny_
     images share. Every score must find the other digits anomalous (AUROC near 1) for every digit,
     which fails if the mode trains on another digit's images, scores against another digit's labels,
     or turns the scores' sign."""
-    def fit_the_bar(x, cfg, device):
+    def fit_the_bar(x, cfg, device, run_dir):
         return painting_vae((x.mean(0)[0] > 0.5).float()), [{"epoch": 1, "train_neg_elbo": 0.0}]
     monkeypatch.setattr(main, "train_one_class", fit_the_bar)
     out = tmp_path / "results"
@@ -206,3 +187,20 @@ def test_the_one_class_mode_scores_each_digit_with_the_model_of_that_digit(tiny_
     for digit, row in metrics["per_digit"].items():
         assert set(row["auroc"]) == set(anomaly.SCORES)
         assert all(a > 0.99 for a in row["auroc"].values()), (digit, row["auroc"])
+
+
+def test_an_interrupted_one_class_run_says_which_digits_it_holds(tiny_mnist, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the second digit trains: exit code 130 and a line naming the finished digit."""
+    real, calls = main.train_epoch, []
+
+    def interrupted_in_the_second_digit(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(main, "train_epoch", interrupted_in_the_second_digit)
+    code, _, err = main_in_process(capsys, "--one-class", "3,5", "--epochs", "1", "--iw-samples", "0",
+                                   "--data-dir", tiny_mnist, "--out-dir", tmp_path)
+    last = err.strip().splitlines()[-1]                   # after the progress bar's carriage returns
+    assert code == 130 and "Traceback" not in err, err
+    assert last.split("error: ")[-1].startswith("interrupted: ") and last.endswith("digits [3]"), err

@@ -139,7 +139,7 @@ def compressed(tmp_path):
 
 def test_decompress_file_returns_the_images(compressed):
     path, ckpt, x_bits = compressed
-    assert np.array_equal(bbans.decompress_file(path, models.load_checkpoint(ckpt)), x_bits)
+    assert np.array_equal(bbans.decompress_file(path, runs.read_checkpoint(ckpt, "cpu")[0]), x_bits)
 
 
 def refused(capsys, *args):
@@ -186,7 +186,7 @@ def test_a_wrong_model_with_the_right_hash_is_caught_by_the_images_hash(compress
     """If the arithmetic differed between the two sides, decoding gives other images (or fails);
     the images' hash in the header turns that into an error, never a silent wrong answer."""
     path, ckpt, _ = compressed
-    net = models.load_checkpoint(ckpt)
+    net = runs.read_checkpoint(ckpt, "cpu")[0]
     monkeypatch.setattr(bbans, "model_hash", lambda _: bbans.read_file(path)[0]["model_hash"])
     with torch.no_grad():
         net.decoder[-2].bias += 0.5             # the last Linear: other pixel probabilities

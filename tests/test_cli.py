@@ -86,9 +86,11 @@ def pictures(kind):
 
 
 def recording_draw_run(monkeypatch):
-    """Replace viz.draw_run by a stand-in that draws nothing and notes (model kind, run folder)."""
+    """Replace viz.draw_run by a stand-in that draws nothing and notes (model kind, run folder), and
+    main.write_page, which then has no pictures to link, by one that writes nothing."""
     calls = []
     monkeypatch.setattr(viz, "draw_run", lambda net, *args: calls.append((type(net).__name__, Path(args[-2]))))
+    monkeypatch.setattr(main, "write_page", lambda *args: None)
     return calls
 
 
@@ -130,6 +132,7 @@ def test_train_then_eval_writes_every_output(tiny_mnist, tmp_path, capsys, monke
 
 def test_both_models_by_default_and_no_run_overwrites_another(tiny_mnist, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(viz, "draw_run", lambda *args, **kwargs: None)     # pictures: the test above
+    monkeypatch.setattr(main, "write_page", lambda *args, **kwargs: None)
     out = tmp_path / "results"
     for _ in range(2):
         code, _, err = main_in_process(capsys, "--epochs", 1, "--max-batches", 1, "--val-size", 16,

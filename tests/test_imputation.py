@@ -100,16 +100,20 @@ def test_fitting_moves_no_network_weight():
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
 
 
-def test_one_component_is_iw_log_px_draw_for_draw():
+@pytest.mark.parametrize("n_components, k", [(1, 50), (3, 50), (4, 6)])
+def test_a_mixture_of_copies_of_q_is_q_draw_for_draw(n_components, k):
+    """M copies of q(z|x) as the proposal: whichever component sample i comes from, z_i and q_k(z_i)
+    are q(z|x)'s, so the estimate is the encoder's, draw for draw, also where M does not divide k."""
     torch.manual_seed(0)
     net = models.VAE("mlp", latent_dim=3, hidden_dim=16).eval()
     x = torch.rand(5, 1, 28, 28).bernoulli()
     mu, logvar = net.encode(x)
+    copies = (mu.expand(n_components, -1, -1), logvar.expand(n_components, -1, -1))
     torch.manual_seed(7)
-    mixture = imputation.mixture_iw_log_px(x.flatten(1), mu[None], logvar[None],
-                                           lambda z: net.decode(z).flatten(1), k=50, max_elements=3000)
+    mixture = losses.iw_log_px(x.flatten(1), None, lambda z: net.decode(z).flatten(1), k, max_elements=3000,
+                               proposal=copies)
     torch.manual_seed(7)
-    plain = losses.iw_log_px(x, net.encode, net.decode, k=50)
+    plain = losses.iw_log_px_plain(x, net.encode, net.decode, k)
     assert torch.allclose(mixture, plain, atol=1e-4)
 
 
@@ -119,7 +123,7 @@ def test_log_mixture_matches_torch_distributions():
     mix = torch.distributions.MixtureSameFamily(
         torch.distributions.Categorical(torch.ones(2, 3)),
         torch.distributions.Independent(Normal(mu.transpose(0, 1), (0.5 * logvar).exp().transpose(0, 1)), 1))
-    assert torch.allclose(imputation.log_mixture(z, mu, logvar), mix.log_prob(z), atol=1e-5)
+    assert torch.allclose(losses.log_mixture(z, mu, logvar), mix.log_prob(z), atol=1e-5)
 
 
 def test_quadrants_are_pyros_split():
@@ -188,8 +192,8 @@ def toy_p_x():
 def test_the_mixture_estimate_of_p_x_is_unbiased_for_any_k(k):
     n = 200_000                                                              # independent estimates
     torch.manual_seed(0)
-    log_p = imputation.mixture_iw_log_px(torch.ones(n, 1), TOY_MU.expand(2, n, 1), TOY_LOGVAR.expand(2, n, 1),
-                                         toy_decode, k)
+    log_p = losses.iw_log_px(torch.ones(n, 1), None, toy_decode, k,
+                             proposal=(TOY_MU.expand(2, n, 1), TOY_LOGVAR.expand(2, n, 1)))
     p_hat = log_p.double().exp()                                             # E[p̂] = p(x): unbiased
     mean, stderr = p_hat.mean().item(), (p_hat.std() / math.sqrt(n)).item()
     assert abs(mean - toy_p_x()) < 4 * stderr

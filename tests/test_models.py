@@ -113,7 +113,7 @@ def test_checkpoint_round_trip_gives_the_same_outputs(tmp_path, kind, arch):
     path = tmp_path / "checkpoint.pt"
     runs.save_checkpoint(path, net, dataclasses.asdict(dataclasses.replace(main.Config(), model=kind, arch=arch)), 1, [],
                          optimizer=optimizer, generator=torch.Generator())
-    loaded = models.load_checkpoint(path, map_location="cpu")
+    loaded = runs.read_checkpoint(path, "cpu")[0]
     assert type(loaded) is type(net) and not loaded.training
     x, y, z = torch.rand(4, 1, 28, 28), torch.tensor([0, 3, 7, 9]), torch.randn(4, 3)
     extra = (y,) if kind == "cvae" else ()
@@ -192,3 +192,16 @@ def test_conv_checkpoints_from_before_the_channels_flag_still_load():
 def test_too_few_or_empty_conv_channels_are_refused(channels):
     with pytest.raises(ValueError, match="two or more positive channel counts"):
         models.build_model("vae", "conv", latent_dim=2, hidden_dim=8, conv_channels=channels)
+
+
+@pytest.mark.parametrize("kind", ["vae", "cvae"])
+def test_the_class_and_build_model_build_the_same_model(kind):
+    """One constructor path: models.VAE(arch="conv") is what main.py trains (500 dense units,
+    channels-last), from the same random draws."""
+    torch.manual_seed(0)
+    direct = models.MODELS[kind](arch="conv", latent_dim=20)
+    torch.manual_seed(0)
+    built = models.build_model(kind, "conv", latent_dim=20, hidden_dim=0)
+    assert direct.hidden_dim == built.hidden_dim == 500 and models.model_args(direct) == models.model_args(built)
+    for (name, a), (_, b) in zip(direct.state_dict().items(), built.state_dict().items()):
+        assert torch.equal(a, b) and a.stride() == b.stride(), name

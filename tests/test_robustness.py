@@ -38,6 +38,7 @@ def no_pictures():
     threads rounds differently."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(viz, "draw_run", lambda *args, **kwargs: None)
+        patch.setattr(main, "write_page", lambda *args, **kwargs: None)
         yield
 
 

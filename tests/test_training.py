@@ -200,6 +200,7 @@ def test_each_epoch_trains_at_the_scheduled_learning_rate(tiny_mnist, tmp_path, 
         return real(net, optimizer, x, y, cfg, generator, epoch)
     monkeypatch.setattr(main, "train_epoch", recording)
     monkeypatch.setattr(viz, "draw_run", lambda *args, **kwargs: None)
+    monkeypatch.setattr(main, "write_page", lambda *args, **kwargs: None)
     main.main(list(map(str, ["--model", "vae", "--hidden-dim", 16, "--latent-dim", 2, "--lr", 2e-3,
                              "--lr-schedule", schedule, "--epochs", epochs, "--max-batches", 1, "--val-size", 0,
                              "--iw-samples", 0, "--data-dir", tiny_mnist, "--out-dir", tmp_path])))
@@ -207,3 +208,30 @@ def test_each_epoch_trains_at_the_scheduled_learning_rate(tiny_mnist, tmp_path, 
     for epoch, rates in seen:
         assert rates == [pytest.approx(main.lr_at(epoch, 2e-3, schedule, epochs), rel=1e-12)]
     assert len({rates[0] for _, rates in seen}) == (epochs if schedule == "cosine" else 3)   # it does change
+
+
+@pytest.mark.parametrize("binarize, warmup", [("none", 0), ("dynamic", 2)])
+def test_train_epoch_takes_the_plain_sgvb_steps_bit_for_bit(binarize, warmup):
+    """The guard, the sums and the bar around the step change nothing: the weights after train_epoch
+    equal those of the six lines of the step written out alone (binarize, ELBO, β, loss, backward, step)."""
+    x = torch.rand(40, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(40, dtype=torch.long)
+    cfg = main.Config(batch_size=8, binarize=binarize, warmup_epochs=warmup)
+    nets = []
+    for plain in (False, True):
+        torch.manual_seed(0)
+        net = models.build_model("vae", "mlp", latent_dim=3, hidden_dim=16)
+        optimizer = models.make_optimizer(net, cfg.lr, cfg.adam_eps)
+        generator = torch.Generator().manual_seed(1)
+        if plain:
+            for step, (xb, yb) in enumerate(main.data.batches(x, y, cfg.batch_size, generator)):
+                xb = main.data.binarize_dynamic(xb) if binarize == "dynamic" else xb
+                _, log_px, kl = main.elbo_terms(net, xb, yb)
+                beta = main.kl_weight(step, 5, cfg.beta, cfg.warmup_epochs)
+                optimizer.zero_grad()
+                (-(log_px - beta * kl).mean()).backward()
+                optimizer.step()
+        else:
+            main.train_epoch(net, optimizer, x, y, cfg, generator, 1)
+        nets.append(net)
+    assert all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), nets[1].parameters()))

@@ -1,10 +1,10 @@
-"""Seconds per training epoch of each source README's model (RESULTS.md, 'Configurations A-E'),
+"""Seconds per training epoch of each configuration's model (RESULTS.md, 'Configurations A-E'),
 on this machine: main.py's own epoch (main.train_epoch) for `--batches` steps after a warm-up,
 scaled to a full epoch; the rows one after another, never two at once. Prints the CPU, the torch
 version and the thread count first, because these numbers belong to the machine they ran on.
 
-    python benchmarks/source_speed.py                 # about 3 minutes on 2 cores
-    python benchmarks/source_speed.py --batches 100   # steadier, slower
+    python benchmarks/configuration_speed.py                 # about 3 minutes on 2 cores
+    python benchmarks/configuration_speed.py --batches 100   # steadier, slower
 """
 import argparse
 import dataclasses
@@ -48,7 +48,7 @@ def seconds_per_epoch(argv, train_set, batches, device):
     return per_step * data.n_batches(len(train_set[0]), cfg.batch_size)
 
 
-def main_():
+def benchmark():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, default=40, help="timed steps per row")
     parser.add_argument("--repeats", type=int, default=3, help="timings per row; the median is printed")
@@ -65,4 +65,4 @@ def main_():
 
 
 if __name__ == "__main__":
-    main_()
+    benchmark()
