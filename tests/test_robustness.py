@@ -553,7 +553,7 @@ def test_a_conv_run_from_before_the_channels_flag_resumes(tiny_mnist, tmp_path):
     del ckpt["model_args"]["conv_channels"], ckpt["config"]["conv_channels"]
     ckpt["config"]["hidden_dim"] = 0
     torch.save(ckpt, path)
-    main.main(["--resume", str(path), "--epochs", "2"])
+    main.main(["--resume", str(path), "--epochs", "2", "--data-dir", str(tiny_mnist)])
     resumed = torch.load(path, weights_only=True)
     assert resumed["epoch"] == 2 and resumed["model_args"]["conv_channels"] == [32, 64]
     assert resumed["config"]["conv_channels"] == "32,64" and resumed["config"]["hidden_dim"] == 256
