@@ -127,7 +127,7 @@ def train(kind, cfg, device, sets, resumed=None):
     optimizer = models.make_optimizer(net, cfg.lr, cfg.adam_eps)
     generator = torch.Generator().manual_seed(cfg.seed)          # the shuffling order
     config = dataclasses.asdict(dataclasses.replace(cfg, model=kind))    # metrics.json: how it ran too
-    trained = {k: v for k, v in config.items() if k not in EXECUTION}   # checkpoints: what was trained
+    trained = hyperparameters(config)                                     # checkpoints: what was trained
     history, first = [], 1
     if resumed:
         optimizer.load_state_dict(resumed.checkpoint["optimizer"])
@@ -170,6 +170,11 @@ def train(kind, cfg, device, sets, resumed=None):
         viz.draw_run(net, *test_set, history, report, neg_elbo, run_dir, cfg.seed)
         write_page(net, test_set, report, run_dir, cfg.seed)
     return run_dir
+
+
+def hyperparameters(config):
+    """What a checkpoint stores of a configuration (a dict): what was trained, not how it ran."""
+    return {k: v for k, v in config.items() if k not in EXECUTION}
 
 
 def epoch_line(row):
@@ -465,8 +470,7 @@ def one_class(digits, cfg, device):
         start = time.perf_counter()
         net, history = train_one_class(x_train[y_train == d], cfg, device, run_dir)
         seconds = time.perf_counter() - start
-        trained = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in EXECUTION}
-        runs.save_checkpoint(run_dir / f"digit{d}.pt", net, trained, cfg.epochs, history)
+        runs.save_checkpoint(run_dir / f"digit{d}.pt", net, hyperparameters(dataclasses.asdict(cfg)), cfg.epochs, history)
         results[d] = {"train_images": int((y_train == d).sum()), "train_seconds": seconds,
                       "final_train_neg_elbo": history[-1]["train_neg_elbo"],
                       **anomaly.score_digit(net, d, x_test, y_test, cfg.iw_samples, cfg.seed)}

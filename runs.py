@@ -301,6 +301,7 @@ def device_name(device):
 CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_info():
     """{model name, cpu family, model, features}: what /proc/cpuinfo says of the first processor,
     the features among CPU_FEATURES; {} where there is no /proc/cpuinfo."""
@@ -353,13 +354,6 @@ def merge_config(ckpt, defaults, given, may_change, what, execution=()):
             raise UsageError(f"{flag(name)} {given[name]} differs from the {what}'s {saved[name]}; the {what} "
                              f"keeps its configuration (only {', '.join(sorted(map(flag, may_change)))} may change)")
     return {**saved, **{name: value for name, value in given.items() if name in may_change}}
-
-
-def upgraded(ckpt, execution):
-    """An older checkpoint's dict in today's format: the same weights and history, its config
-    without the execution settings (which held the paths of the machine that trained it)."""
-    config = {k: v for k, v in (ckpt.get("config") or {}).items() if k not in execution}
-    return {**ckpt, "format": CHECKPOINT_FORMAT, "config": config}
 
 
 def read_checkpoint(path, device):

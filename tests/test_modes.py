@@ -95,6 +95,13 @@ def test_checkpoints_store_hyperparameters_not_modes(tiny_mnist, tmp_path, capsy
     assert "-seed7-" in run_dir.name                                        # the seed in the folder's name
     config = torch.load(run_dir / "checkpoint.pt", weights_only=True)["config"]
     assert set(config) == {f.name for f in dataclasses.fields(main.Config)} - main.EXECUTION   # what was trained
+    metrics = runs.read_json(run_dir / "metrics.json")
+    assert not [key for row in metrics["epochs"] for key in row if key.startswith("test_")]   # test set: once
+    provenance = metrics["provenance"]                       # written by the run itself
+    assert provenance["torch"] == torch.__version__ and provenance["device"] == "cpu" and provenance["threads"] >= 1
+    assert provenance["device_name"] and "--seed" in provenance["argv"] and provenance["wall_seconds"] > 0
+    assert provenance["started_utc"].endswith("+00:00") and "slurm_job_id" in provenance
+    assert len(provenance["commit"] or "0" * 40) == 40
     assert not set(config) & {f.name for f in dataclasses.fields(main.Mode)}
 
 
