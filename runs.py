@@ -193,17 +193,39 @@ def write_metrics(run_dir, config, net, history, provenance=None, **extra):
 # Several runs of one command: the numbers each reports at its end, their mean ± std
 # ------------------------------------------------------------------------------------------------
 def end_metrics(run_dir):
-    """{name: number} that a run folder's metrics.json reports at its end: the `final` report of a
-    training run, the `eval` of an --eval run, or the AUROCs of a --one-class run; nested names
-    joined with dots (sample_accuracy.overall), lists (per latent dimension) left out."""
-    record = read_json(Path(run_dir) / "metrics.json")
+    """{name: number} that a run folder's metrics.json reports at its end (end_metrics_of)."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise UsageError(f"{run_dir}: no metrics.json with a final report there (a run of main.py that finished writes one)")
+    return end_metrics_of(read_json(path), run_dir)
+
+
+def end_metrics_of(record, where="this record"):
+    """{name: number} that a metrics.json reports at its end: the `final` report of a training run,
+    the `eval` of an --eval run, the AUROCs of a --one-class run, or the report of another mode
+    (--compress, --impute: its numbers but the configuration and provenance); nested names joined
+    with dots (sample_accuracy.overall), lists (per latent dimension) left out."""
     for key in ("final", "eval"):
         if isinstance(record.get(key), dict):
             return scalars(record[key])
     if record.get("mean_auroc") and record.get("per_digit"):
         return scalars({"mean_auroc": record["mean_auroc"],
                         "per_digit": {d: {"auroc": r["auroc"]} for d, r in record["per_digit"].items()}})
-    raise UsageError(f"{run_dir}: no metrics.json with a final report there (a run of main.py that finished writes one)")
+    if "provenance" in record and "epochs" not in record:
+        return scalars({k: v for k, v in record.items() if k not in ("config", "provenance", "model_args")})
+    raise UsageError(f"{where}: no metrics.json with a final report there (a run of main.py that finished writes one)")
+
+
+EPOCH_FIELDS = ("epoch", "train_neg_elbo", "val_neg_elbo", "train_seconds")
+
+
+def record(metrics):
+    """A run's metrics.json made small enough to ship as the record of its numbers: all of it but
+    the per-epoch rows, which keep the epoch, the train and validation −ELBO and the seconds (to
+    3 decimals), enough to redraw the loss curves."""
+    rows = [{k: round(r[k], 3) if isinstance(r[k], float) else r[k] for k in EPOCH_FIELDS if k in r}
+            for r in metrics.get("epochs", [])]
+    return {**metrics, **({"epochs": rows} if "epochs" in metrics else {})}
 
 
 def scalars(tree, prefix=""):
@@ -260,6 +282,7 @@ def provenance(device):
             "started_utc": datetime.datetime.fromtimestamp(STARTED[0], datetime.timezone.utc)
                                             .isoformat(timespec="seconds"),
             "wall_seconds": round(time.perf_counter() - STARTED[1], 3),
+            "load_average": load_average(),
             **{key.lower(): os.environ.get(key) for key in SLURM_KEYS}}
 
 
@@ -268,6 +291,15 @@ def stamp_provenance(run_dir, device):
     path = Path(run_dir) / "metrics.json"
     save_json({**read_json(path), "provenance": provenance(device)}, path)
     return run_dir
+
+
+def load_average():
+    """The machine's load over the last 1, 5 and 15 minutes as the OS reports it (None where it
+    does not): above the thread count, the run's times were shared with other work."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID")

@@ -5,6 +5,7 @@ submitted through submitit; then the mean ± standard deviation of every number 
     python sweep.py @configs/binarized-vae.args --seeds 1,2,3 --launcher slurm --partition gpu \\
         --gpus-per-task 1 --time-min 240 --out-dir sweeps
     python sweep.py --summarize results/vae-mlp-seed*/        # the same summary of existing runs
+    python sweep.py --summarize results/vae-mlp-seed*/ --records records/NAME   # ... shipped as data
 
 Every flag that is not the sweep's own goes to main.py as it is, the @recipe included. The sweep
 writes DIR/sweep-<recipe>[-<hash of the other main.py flags>]/: seed<S>/ (main.py's run folder of
@@ -47,6 +48,9 @@ def make_parser():
                                                                      "(default: 1)")
     parser.add_argument("--gpus-per-task", type=int, default=0, help="slurm: GPUs per run (default: 0)")
     parser.add_argument("--summarize", nargs="+", metavar="RUN_DIR", help="summarise these run folders; run nothing")
+    parser.add_argument("--records", metavar="DIR", help="with --summarize: write each run's metrics.json, "
+                                                         "made small (runs.record), as DIR/seed<S>.json and "
+                                                         "the summary as DIR/summary.json")
     parser.error = lambda message: runs.fail(f"{message} (see python sweep.py --help)")
     return parser
 
@@ -196,6 +200,23 @@ def summary(run_dirs):
     return runs.summarize([runs.end_metrics(r) for r in run_dirs], run_dirs)
 
 
+def write_records(run_dirs, folder):
+    """The records of a published number: each run's metrics.json made small, named by its seed,
+    and the summary over them, run folders named by those files (no machine's paths)."""
+    folder = Path(folder)
+    records = [runs.record(runs.read_json(Path(r) / "metrics.json")) for r in run_dirs]
+    names = [f"seed{r['config']['seed']}.json" if "config" in r else "run.json" for r in records]
+    if len(set(names)) < len(names):
+        raise UsageError(f"--records: two of these runs have the same seed ({', '.join(names)}); "
+                         "summarise one model's runs at a time")
+    folder.mkdir(parents=True, exist_ok=True)
+    for rec, name in zip(records, names):
+        runs.save_json(rec, folder / name)
+    table = runs.summarize([runs.end_metrics(r) for r in run_dirs], names)
+    runs.save_json({"runs": names, "metrics": table}, folder / "summary.json")
+    return table
+
+
 def print_table(table):
     width = max(map(len, table), default=6)
     print(f"{'metric':<{width}}  {'mean':>12}  {'std':>10}  {'n':>3}  values")
@@ -246,8 +267,10 @@ def cli(argv=None):
         if opts.summarize:
             if main_args or opts.seeds:
                 raise UsageError("--summarize takes run folders only: python sweep.py --summarize RUN_DIR...")
-            print_table(summary(opts.summarize))
+            print_table(write_records(opts.summarize, opts.records) if opts.records else summary(opts.summarize))
             return 0
+        if opts.records:
+            raise UsageError("--records goes with --summarize: python sweep.py --summarize RUN_DIR... --records DIR")
         return sweep(opts, main_args)        # a flag main.py's parser refuses: its one line, exit code 2
 
 

@@ -100,6 +100,7 @@ def test_checkpoints_store_hyperparameters_not_modes(tiny_mnist, tmp_path, capsy
     provenance = metrics["provenance"]                       # written by the run itself
     assert provenance["torch"] == torch.__version__ and provenance["device"] == "cpu" and provenance["threads"] >= 1
     assert provenance["device_name"] and "--seed" in provenance["argv"] and provenance["wall_seconds"] > 0
+    assert len(provenance["load_average"]) == 3 and min(provenance["load_average"]) >= 0
     assert provenance["started_utc"].endswith("+00:00") and "slurm_job_id" in provenance
     assert len(provenance["commit"] or "0" * 40) == 40
     assert not set(config) & {f.name for f in dataclasses.fields(main.Mode)}

@@ -116,6 +116,23 @@ def test_a_rerun_skips_finished_seeds_and_the_summary_is_mean_and_sample_std(tin
     # python sweep.py --summarize RUN...: the same numbers from the run folders
     code, out, _ = sweep_in_process(capsys, "--summarize", *runs_before)
     assert code == 0 and f"{summary['metrics']['test_nll']['mean']:.6g}" in out
+    # ... --records DIR: each run's metrics.json made small, named by its seed, and the same summary
+    code, out, err = sweep_in_process(capsys, "--summarize", *runs_before, "--records", tmp_path / "records")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "records").iterdir()) == ["seed1.json", "seed2.json", "seed3.json",
+                                                                        "summary.json"]
+    shipped = json.loads((tmp_path / "records" / "summary.json").read_text())
+    assert shipped["runs"] == ["seed1.json", "seed2.json", "seed3.json"]
+    for name, s in summary["metrics"].items():
+        assert {**s, "runs": None} == {**shipped["metrics"][name], "runs": None}
+    for seed, run, final in zip((1, 2, 3), runs_before, finals):
+        rec = json.loads((tmp_path / "records" / f"seed{seed}.json").read_text())
+        whole = json.loads((run / "metrics.json").read_text())
+        assert rec["final"] == final and rec["provenance"] == whole["provenance"] and rec["config"]["seed"] == seed
+        assert [r["epoch"] for r in rec["epochs"]] == [r["epoch"] for r in whole["epochs"]]
+        assert rec["epochs"][-1] == {k: round(whole["epochs"][-1][k], 3) for k in runs.EPOCH_FIELDS}
+    code, _, err = sweep_in_process(capsys, "--summarize", runs_before[0], runs_before[0], "--records", tmp_path / "r2")
+    assert code == 2 and "two of these runs have the same seed" in err and not (tmp_path / "r2").exists()
 
 
 @contextlib.contextmanager
