@@ -48,6 +48,8 @@ def make_parser():
                                                                      "(default: 1)")
     parser.add_argument("--gpus-per-task", type=int, default=0, help="slurm: GPUs per run (default: 0)")
     parser.add_argument("--summarize", nargs="+", metavar="RUN_DIR", help="summarise these run folders; run nothing")
+    parser.add_argument("--records-table", nargs="+", metavar="RECORD", help="print the machines behind these "
+                                                                              "records as a markdown table; run nothing")
     parser.add_argument("--records", metavar="DIR", help="with --summarize: write each run's metrics.json, "
                                                          "made small (runs.record), as DIR/seed<S>.json and "
                                                          "the summary as DIR/summary.json")
@@ -217,6 +219,28 @@ def write_records(run_dirs, folder):
     return table
 
 
+def records_table(paths, root="."):
+    """A markdown table of the machines behind records (paths relative to root, one row per run
+    record): CPU, threads, load, torch, commit, start and wall time, read from each provenance."""
+    lines = ["| record | device | threads | load at end | torch | commit | started (UTC) | wall time |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for path in sorted(Path(p) for p in paths):
+        p = runs.read_json(Path(root) / path).get("provenance")
+        if not p:
+            continue
+        cpu = p.get("cpu") or {}
+        device = p["device_name"] + (f" (family {cpu['cpu family']}, model {cpu['model']}; "
+                                     f"{', '.join(cpu['features'])})" if cpu.get("cpu family") else "")
+        load = "" if not p.get("load_average") else f"{p['load_average'][0]:.1f}"
+        lines.append(f"| `{path.as_posix()}` | {device} | {p['threads']} | {load} | {p['torch']} | "
+                     f"{p['commit'][:7]} | {p['started_utc'][:16].replace('T', ' ')} | {minutes(p['wall_seconds'])} |")
+    return "\n".join(lines)
+
+
+def minutes(seconds):
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def print_table(table):
     width = max(map(len, table), default=6)
     print(f"{'metric':<{width}}  {'mean':>12}  {'std':>10}  {'n':>3}  values")
@@ -264,6 +288,9 @@ def sweep(opts, main_args):
 def cli(argv=None):
     opts, main_args = make_parser().parse_known_args(argv)
     with runs.one_line_errors():
+        if opts.records_table:
+            print(records_table(opts.records_table))
+            return 0
         if opts.summarize:
             if main_args or opts.seeds:
                 raise UsageError("--summarize takes run folders only: python sweep.py --summarize RUN_DIR...")
