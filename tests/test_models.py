@@ -177,12 +177,13 @@ def test_source_b_conv_model_is_built_as_described():
 
 
 def test_conv_checkpoints_from_before_the_channels_flag_still_load():
-    """checkpoints/vae-conv-binarized.pt stores no conv_channels: it is the 32-64 model, and
+    """The conv VAE as first shipped (format 1) stores no conv_channels: it is the 32-64 model, and
     --eval/--resume read that back into the run's configuration."""
     import main
-    ckpt = torch.load(ROOT / "checkpoints" / "vae-conv-binarized.pt", weights_only=True)
-    assert "conv_channels" not in ckpt["model_args"]
-    net, _ = runs.read_checkpoint(ROOT / "checkpoints" / "vae-conv-binarized.pt", torch.device("cpu"))
+    old = ROOT / "tests" / "fixtures" / "vae-conv-binarized-format1.pt"
+    ckpt = torch.load(old, weights_only=True)
+    assert "conv_channels" not in ckpt["model_args"] and "conv_channels" not in ckpt["config"]
+    net, _ = runs.read_checkpoint(old, torch.device("cpu"))
     assert net.conv_channels == (32, 64) and models.model_args(net)["conv_channels"] == [32, 64]
     cfg = main.saved_config(main.Config(), set(), ckpt, main.EVALUABLE, "checkpoint")
     assert cfg.conv_channels == "32,64"
