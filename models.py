@@ -15,8 +15,8 @@ import torch.nn.functional as F
 IMAGE_SHAPE = (1, 28, 28)
 X_DIM = 28 * 28
 N_CLASSES = 10
-DEFAULT_HIDDEN_DIM = {"mlp": 400, "conv": 500}   # AEVB's MNIST MLP / configuration B's conv dense layer
-DEFAULT_CONV_CHANNELS = (32, 64, 128)            # configuration B's conv layers (configs/b-conv-vae.args)
+DEFAULT_HIDDEN_DIM = {"mlp": 400, "conv": 500}   # AEVB's MNIST MLP / the published conv VAE's dense layer
+DEFAULT_CONV_CHANNELS = (32, 64, 128)            # that conv VAE's conv layers (configs/b-conv-vae.args)
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 

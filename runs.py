@@ -388,6 +388,19 @@ def merge_config(ckpt, defaults, given, may_change, what, execution=()):
     return {**saved, **{name: value for name, value in given.items() if name in may_change}}
 
 
+def rewrite_checkpoint(src, dst, defaults):
+    """Write the checkpoint at src to dst in today's format: the same weights (bit for bit),
+    model_args, epoch and history, and as config the hyperparameters it is read with (merge_config:
+    defaults holds every hyperparameter's default, and only these are kept; what a format-1 file did
+    not store, or stored under an older meaning, is filled in as --eval would read it). Optimizer and
+    random states are left out: a rewritten checkpoint is a trained model, not a run to resume."""
+    _, ckpt = read_checkpoint(src, torch.device("cpu"))
+    config = merge_config(ckpt, defaults, {}, set(), "checkpoint")
+    rewritten = {"format": CHECKPOINT_FORMAT, "model": ckpt["model"], "model_args": ckpt["model_args"],
+                 "config": config, "epoch": ckpt["epoch"], "history": ckpt["history"]}
+    save_atomic(lambda p: torch.save(rewritten, p), dst)
+
+
 def read_checkpoint(path, device):
     """(the model it holds, in eval mode, on device; the checkpoint dict), or a UsageError that says
     what is wrong: the one reader of main.py's checkpoints."""

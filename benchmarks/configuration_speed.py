@@ -1,7 +1,8 @@
-"""Seconds per training epoch of each configuration's model (RESULTS.md, 'Configurations A-E'),
-on this machine: main.py's own epoch (main.train_epoch) for `--batches` steps after a warm-up,
-scaled to a full epoch; the rows one after another, never two at once. Prints the CPU, the torch
-version and the thread count first, because these numbers belong to the machine they ran on.
+"""Seconds per training epoch of the model of each published MNIST VAE's recipe (RESULTS.md, 'Five
+published MNIST VAEs, reproduced'), on this machine: main.py's own epoch (main.train_epoch) for
+`--batches` steps after a warm-up, scaled to a full epoch; the rows one after another, never two at
+once. Prints the CPU, the torch version and the thread count first, because these numbers belong
+to the machine they ran on.
 
     python benchmarks/configuration_speed.py                 # about 3 minutes on 2 cores
     python benchmarks/configuration_speed.py --batches 100   # steadier, slower
@@ -24,11 +25,11 @@ from bbans import cpu_name    # noqa: E402
 
 # The training flags of each row's recipe (configs/); evaluation flags change no epoch.
 ROWS = {
-    "A and D: MLP VAE 784-400-20 (the default run's VAE)": ["--model", "vae"],
-    "A: MLP CVAE, latent 2 (the default run's CVAE)": ["--model", "cvae"],
-    "B: conv VAE 32-64-128, 500 dense": ["--model", "vae", "--arch", "conv"],
-    "C: conv VAE 32-64, 256 dense": ["--model", "vae", "--arch", "conv", "--conv-channels", "32,64", "--hidden-dim", "256"],
-    "E: MLP VAE 784-128-64, alpha 0.001": ["--model", "vae", "--hidden-dim", "128", "--latent-dim", "64", "--beta", "0.001"],
+    "MLP VAE 784-400-20 (the pair's and 'from scratch')": ["--model", "vae"],
+    "MLP CVAE, latent 2 (the pair's)": ["--model", "cvae"],
+    "conv VAE 32-64-128, 500 dense": ["--model", "vae", "--arch", "conv"],
+    "conv VAE 32-64, 256 dense": ["--model", "vae", "--arch", "conv", "--conv-channels", "32,64", "--hidden-dim", "256"],
+    "MLP VAE 784-128-64, alpha 0.001": ["--model", "vae", "--hidden-dim", "128", "--latent-dim", "64", "--beta", "0.001"],
 }
 
 

@@ -30,7 +30,7 @@ def test_default_sizes_are_the_papers():
     mlp = models.build_model("vae", "mlp", latent_dim=20, hidden_dim=0)
     assert mlp.encoder[1].weight.shape == (400, 784) and mlp.enc_mu.weight.shape == (20, 400)
     conv = models.build_model("vae", "conv", latent_dim=20, hidden_dim=0, conv_channels=(32, 64, 128))
-    assert conv.enc_mu.weight.shape == (20, 500)                   # configuration B's dense layer
+    assert conv.enc_mu.weight.shape == (20, 500)                   # the 32-64-128 conv VAE's dense layer
     cvae = models.build_model("cvae", "mlp", latent_dim=20, hidden_dim=0)
     assert cvae.encoder[1].weight.shape == (400, 784 + 10)     # the label joins the encoder input
     assert cvae.decoder[0].weight.shape == (400, 20 + 10)      # and z
@@ -158,9 +158,10 @@ def test_bf16_training_step_gives_nearly_the_float32_elbo_and_gradient(kind):
     assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.99
 
 
-def test_source_b_conv_model_is_built_as_described():
-    """Source B (../shared/seeds/002_...): convs 1-32-64-128 with two stride-2 layers (28 -> 7) and
-    one that keeps 7x7, a 500-unit dense layer, 20-d z; the decoder mirrors it back to 28x28."""
+def test_the_default_conv_model_is_the_published_32_64_128_conv_vae():
+    """The conv VAE of configs/b-conv-vae.args, as its README describes it: convs 1-32-64-128 with
+    two stride-2 layers (28 -> 7) and one that keeps 7x7, a 500-unit dense layer, 20-d z; the
+    decoder mirrors it back to 28x28."""
     import main
     net = models.build_model("vae", "conv", latent_dim=20, hidden_dim=0, conv_channels=main.conv_channels(main.Config()))
     convs = [m for m in net.encoder if isinstance(m, torch.nn.Conv2d)]
@@ -177,12 +178,13 @@ def test_source_b_conv_model_is_built_as_described():
 
 
 def test_conv_checkpoints_from_before_the_channels_flag_still_load():
-    """checkpoints/vae-conv-binarized.pt stores no conv_channels: it is the 32-64 model, and
+    """The conv VAE as first shipped (format 1) stores no conv_channels: it is the 32-64 model, and
     --eval/--resume read that back into the run's configuration."""
     import main
-    ckpt = torch.load(ROOT / "checkpoints" / "vae-conv-binarized.pt", weights_only=True)
-    assert "conv_channels" not in ckpt["model_args"]
-    net, _ = runs.read_checkpoint(ROOT / "checkpoints" / "vae-conv-binarized.pt", torch.device("cpu"))
+    old = ROOT / "tests" / "fixtures" / "vae-conv-binarized-format1.pt"
+    ckpt = torch.load(old, weights_only=True)
+    assert "conv_channels" not in ckpt["model_args"] and "conv_channels" not in ckpt["config"]
+    net, _ = runs.read_checkpoint(old, torch.device("cpu"))
     assert net.conv_channels == (32, 64) and models.model_args(net)["conv_channels"] == [32, 64]
     cfg = main.saved_config(main.Config(), set(), ckpt, main.EVALUABLE, "checkpoint")
     assert cfg.conv_channels == "32,64"
