@@ -15,7 +15,7 @@ import torch.nn.functional as F
 IMAGE_SHAPE = (1, 28, 28)
 X_DIM = 28 * 28
 N_CLASSES = 10
-DEFAULT_HIDDEN_DIM = {"mlp": 400, "conv": 500}   # AEVB's MNIST MLP / the published conv VAE's dense layer
+DEFAULT_HIDDEN_DIM = {"mlp": 400, "conv": 500}   # the PyTorch example's MLP / the published conv VAE's dense layer
 DEFAULT_CONV_CHANNELS = (32, 64, 128)            # that conv VAE's conv layers (configs/b-conv-vae.args)
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
@@ -29,7 +29,8 @@ def reparameterize(mu, logvar):
 
 # ---------------------------------------------------------------------------------------------
 # The two models. Same shape of code; the CVAE's label enters visibly in encode and decode.
-# Sizes for the default MLP: x 784 -> h 400 -> z 20 -> h 400 -> x_logits 784 (AEVB's MNIST model);
+# Sizes for the default MLP: x 784 -> h 400 -> z 20 -> h 400 -> x_logits 784 (the PyTorch example's;
+# AEVB's MNIST MLP had 500 hidden units: hidden_dim 500);
 # hidden_dim 0 takes the arch's default (mlp 400, conv 500), hidden_layers 2, tanh, 200 units and
 # latent_dim 50 is IWAE's 784-200-200-50. The bodies (encoder_body, decoder_body) follow the models.
 # ---------------------------------------------------------------------------------------------
