@@ -425,7 +425,7 @@ def completions(net, x, y, path, n_samples=5, n_iters=50, seed=0):
 
 # ---------------------------------------------------------------------------------------------
 # 7. Anomaly scores: which test digits does the model find least likely? The score of an image is
-# its −ELBO, computed by main.elbo_per_image, whose mean is the test −ELBO main.py reports.
+# its −ELBO, computed by main.evaluate, whose mean is the test −ELBO main.py reports.
 # ---------------------------------------------------------------------------------------------
 def anomaly_histogram(net, scores, path, n_marked):
     """Histogram of the scores, with their mean and the score of the n_marked-th least likely."""

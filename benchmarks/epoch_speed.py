@@ -163,7 +163,7 @@ def benchmark():
             seconds[name].append(time.perf_counter() - start)
 
     baseline = "DataLoader + ToTensor, fp32"
-    tests = {name: main.evaluate(net, *test_set, args.seed)["test_neg_elbo"] for name, (net, _) in runs.items()}
+    tests = {name: main.evaluate(net, *test_set, args.seed)[0]["test_neg_elbo"] for name, (net, _) in runs.items()}
     print(f"{'':36s} {'median epoch':>12s} {'min':>6s} {'max':>6s}  {'test -ELBO':>10s}  "
           f"time / DataLoader fp32 (median of per-epoch ratios, min-max)")
     for name, times in seconds.items():

@@ -108,7 +108,7 @@ def trained_vae():
     cfg = main.Config(batch_size=32, epochs=20, lr=3e-3)
     optimizer = models.make_optimizer(net, cfg.lr, cfg.adam_eps)
     generator = torch.Generator().manual_seed(0)
-    before = main.evaluate(net, x_test, y_test, seed=0)
+    before = main.evaluate(net, x_test, y_test, seed=0)[0]
     for epoch in range(1, cfg.epochs + 1):                 # 16 steps an epoch
         main.train_epoch(net, optimizer, x, y, cfg, generator, epoch)
     return net, before, x_test, y_test
@@ -119,7 +119,7 @@ def test_training_lowers_the_neg_elbo_of_held_out_images(trained_vae):
     flipped sign of the loss (it diverges: the NaN guard stops it) or of β·KL (the KL grows without
     bound) fails here."""
     net, before, x_test, y_test = trained_vae
-    after = main.evaluate(net, x_test, y_test, seed=0)
+    after = main.evaluate(net, x_test, y_test, seed=0)[0]
     assert after["test_neg_elbo"] < 0.5 * before["test_neg_elbo"]       # measured: 551 -> 213 nats
     assert 0 < after["test_kl"] < 50                                    # measured: 8 nats
 
@@ -129,7 +129,7 @@ def test_iw_nll_is_at_or_below_the_test_neg_elbo_of_a_trained_model(trained_vae)
     images (K = 10, 50) is at or below the −ELBO that evaluate reports, lower for the larger K, and
     by no more than a few nats (measured: 213.2 −ELBO, 212.3 at K = 10, 212.2 at K = 50)."""
     net, _, x_test, y_test = trained_vae
-    neg_elbo = main.evaluate(net, x_test, y_test, seed=0)["test_neg_elbo"]
+    neg_elbo = main.evaluate(net, x_test, y_test, seed=0)[0]["test_neg_elbo"]
     nll_10, nll_50 = (main.iw_nll(net, x_test, y_test, k=k, seed=0) for k in (10, 50))
     assert nll_50 < nll_10 < neg_elbo             # strictly: a K that did not reach the bound would tie
     assert neg_elbo - nll_50 < 10
