@@ -31,7 +31,6 @@ from matplotlib import colormaps
 
 import data
 import losses
-import models
 import runs
 from viz import figure, save_figure
 
@@ -88,7 +87,7 @@ def anomaly_scores(net, x, k, seed):
     """{score name: (n,) tensor on the CPU} for the images x, in batches; seeded. k = 0: no IW scores."""
     net.eval()
     parts = {name: [] for name in ("neg_elbo", "recon_error", "neg_log_px")[:3 if k else 2]}
-    with models.seeded(x.device, seed):
+    with data.seeded(x.device, seed):
         for xb, _ in data.batches(x, x, data.EVAL_BATCH_SIZE):
             x_logits, mu, logvar = net(xb)
             parts["neg_elbo"].append(-losses.elbo(xb, x_logits, mu, logvar)[0])

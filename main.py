@@ -124,7 +124,7 @@ def train(kind, cfg, device, sets, resumed=None):
     is read once, by the final report; the epochs see the training and validation sets only."""
     torch.manual_seed(cfg.seed)
     net = resumed.net if resumed else build_net(kind, cfg, device)
-    optimizer = models.make_optimizer(net, cfg.lr, cfg.adam_eps)
+    optimizer = make_optimizer(net, cfg.lr, cfg.adam_eps)
     generator = torch.Generator().manual_seed(cfg.seed)          # the shuffling order
     config = dataclasses.asdict(dataclasses.replace(cfg, model=kind))    # metrics.json: how it ran too
     trained = hyperparameters(config)                                     # checkpoints: what was trained
@@ -194,6 +194,17 @@ def build_net(kind, cfg, device):
     latent_dim = cfg.cvae_latent_dim if kind == "cvae" else cfg.latent_dim
     return models.build_model(kind, cfg.arch, latent_dim, cfg.hidden_dim, cfg.hidden_layers, cfg.activation,
                               conv_channels(cfg)).to(device)
+
+
+FUSED_ADAM_DEVICES = {"cpu", "cuda", "mps", "xpu", "hpu"}     # where torch.optim.Adam has a fused kernel
+
+
+def make_optimizer(net, lr, eps):
+    """Adam; the fused kernel updates all parameters in one call (about 10% of a CPU epoch saved),
+    on the devices that have one; elsewhere the default (foreach) implementation."""
+    # fused=None (not False) elsewhere: False would force the slow per-parameter loop
+    fused = True if next(net.parameters()).device.type in FUSED_ADAM_DEVICES else None
+    return torch.optim.Adam(net.parameters(), lr=lr, eps=eps, fused=fused)
 
 
 def write_page(net, test_set, report, run_dir, seed):
@@ -319,7 +330,7 @@ def evaluate(net, x, y, seed, max_batches=0, prefix="test"):
     The CVAE's bound on log p(x|y) is the same formula on its conditioned networks (losses.conditional_elbo)."""
     net.eval()
     terms = []
-    with models.seeded(x.device, seed):
+    with data.seeded(x.device, seed):
         for xb, yb in data.batches(x, y, data.EVAL_BATCH_SIZE, max_batches=max_batches):
             x_logits, mu, logvar = net(xb, yb)          # q(z|x) and p(x|z); CVAE: q(z|x, y) and p(x|y, z)
             terms.append(torch.stack(losses.elbo(xb, x_logits, mu, logvar)))   # (elbo, log_px, kl): (3, batch)
@@ -336,7 +347,7 @@ def iw_nll(net, x, y, k, seed, max_batches=0):
     total, count = 0.0, 0
     batches = tqdm(data.batches(x, y, data.EVAL_BATCH_SIZE, max_batches=max_batches), leave=False,
                    total=data.n_batches(len(x), data.EVAL_BATCH_SIZE, max_batches), desc=f"log p(x), K = {k}")
-    with models.seeded(x.device, seed), batches:
+    with data.seeded(x.device, seed), batches:
         for xb, yb in batches:
             # z arrives sample-major, (s * n, latent_dim), so the labels are repeated s times
             log_px = losses.iw_log_px(xb, lambda v: net.encode(v, yb),
@@ -480,7 +491,7 @@ def train_one_class(x, cfg, device, run_dir):
     Ctrl-C, kill or a diverged step stop it with one line that says which digits run_dir holds."""
     torch.manual_seed(cfg.seed)
     net = build_net("vae", cfg, device)
-    optimizer = models.make_optimizer(net, cfg.lr, cfg.adam_eps)
+    optimizer = make_optimizer(net, cfg.lr, cfg.adam_eps)
     generator = torch.Generator().manual_seed(cfg.seed)
     labels = torch.zeros(len(x), dtype=torch.long, device=device)       # unused by the VAE
     history = []

@@ -2,7 +2,7 @@
 
 `gallery` draws every figure below that applies to a model; each figure is also a function of its
 own. Every random choice (which test digits, which z, which noise) is made inside
-`models.seeded`, so a figure is the same on every call and never shifts training's random stream.
+`data.seeded`, so a figure is the same on every call and never shifts training's random stream.
 Decoders return logits; the sigmoid that turns them into pixel means is applied here, where
 images are drawn. Paper tags: AEVB, M2 and CVAE as in losses.py.
 """
@@ -14,8 +14,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid, save_image
 
-from data import EVAL_BATCH_SIZE, batches
-from models import CVAE, N_CLASSES, reparameterize, seeded
+from data import EVAL_BATCH_SIZE, batches, seeded
+from models import CVAE, N_CLASSES, reparameterize
 
 PAD = 2                 # pixels between the images of a grid
 CELL = 28 + PAD         # one image and its padding

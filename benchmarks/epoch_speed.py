@@ -55,7 +55,7 @@ def in_memory_epoch(net, optimizer, train_set, generator, epoch, bf16=False):
 def fresh_model(seed, device):
     torch.manual_seed(seed)
     net = models.build_model("vae", "mlp", latent_dim=20, hidden_dim=400).to(device)
-    return net, models.make_optimizer(net, lr=1e-3, eps=1e-8)     # main.py's defaults
+    return net, main.make_optimizer(net, lr=1e-3, eps=1e-8)     # main.py's defaults
 
 
 def seconds_per_call(call, repeats=200, warmup=20):

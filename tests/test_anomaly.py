@@ -14,7 +14,6 @@ from test_cli import main_in_process
 
 import anomaly
 import main
-import models
 import runs
 
 

@@ -159,7 +159,7 @@ def poisoned_run(monkeypatch, guard_every, bad_step=1, n_steps=5):
     monkeypatch.setattr(main, "GUARD_EVERY", guard_every)
     torch.manual_seed(0)
     net = models.build_model("vae", "mlp", 2, 8)
-    optimizer = models.make_optimizer(net, 1e-3, 1e-8)
+    optimizer = main.make_optimizer(net, 1e-3, 1e-8)
     steps = []
     real_step = optimizer.step
     optimizer.step = lambda: (steps.append(1), real_step())

@@ -20,7 +20,6 @@ from conftest import ROOT, interrupted_in_epoch, make_tiny_mnist
 import main
 import data
 import judge
-import models
 import runs
 import viz
 from test_cli import ONE_THREAD, main_in_process
@@ -324,8 +323,8 @@ def test_bf16_is_refused_where_the_device_has_no_autocast(monkeypatch):
 
 def test_adam_is_fused_on_the_devices_that_have_the_kernel():
     net = torch.nn.Linear(2, 2)
-    assert models.make_optimizer(net, 1e-3, 1e-8).defaults["fused"]
-    assert "cpu" in models.FUSED_ADAM_DEVICES and "mps" in models.FUSED_ADAM_DEVICES
+    assert main.make_optimizer(net, 1e-3, 1e-8).defaults["fused"]
+    assert "cpu" in main.FUSED_ADAM_DEVICES and "mps" in main.FUSED_ADAM_DEVICES
 
 
 def test_bad_conv_channels_get_one_line(tiny_mnist, tmp_path, capsys):

@@ -85,7 +85,7 @@ def test_completion_keeps_the_observed_pixels_and_fills_the_hidden_ones(kind, ar
     chains = {}
     for start, pixels in (("noise", "means"), ("zeros", "samples")):
         for run in (0, 1):
-            with models.seeded(torch.device("cpu"), 0):
+            with data.seeded(torch.device("cpu"), 0):
                 chains[start, pixels, run] = viz.complete(encode, decode, x, hidden, 5, start, pixels)
     for (start, pixels, run), filled in chains.items():
         assert torch.equal(filled[~hidden], x[~hidden])         # observed pixels exactly as given
@@ -177,7 +177,7 @@ def test_evaluate_and_the_anomaly_scores_are_each_images_elbo_from_the_model(kin
     test, scores = main.evaluate(net, x, y, seed=3)
     assert scores.shape == (64,) and (scores > 0).all()
     # a second computation: the ELBO of AEVB Eq. 10 straight from the model, the same z drawn
-    with models.seeded(x.device, 3), torch.no_grad():
+    with data.seeded(x.device, 3), torch.no_grad():
         elbo, log_px, kl = losses.elbo(x, *net(x, y))
     torch.testing.assert_close(scores, -elbo)
     assert [test["test_neg_elbo"], test["test_recon"], test["test_kl"]] == pytest.approx(
