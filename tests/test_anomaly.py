@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import bar, fake_digits, painting_vae
-from test_cli import main_in_process
+from conftest import bar, fake_digits, main_in_process, painting_vae
 
 import anomaly
 import main

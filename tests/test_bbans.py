@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
-from test_cli import main_in_process
+from conftest import ROOT, main_in_process, refused
 
 import bbans
 import main
@@ -140,12 +139,6 @@ def compressed(tmp_path):
 def test_decompress_file_returns_the_images(compressed):
     path, ckpt, x_bits = compressed
     assert np.array_equal(bbans.decompress_file(path, runs.read_checkpoint(ckpt, "cpu")[0]), x_bits)
-
-
-def refused(capsys, *args):
-    code, _, err = main_in_process(capsys, *args)
-    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
-    return err
 
 
 def test_refuses_a_cvae_and_a_grey_checkpoint(tiny_mnist, tmp_path, capsys):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, main_in_process
 
 import main
 import viz
@@ -28,17 +28,6 @@ def run_main(*args, cwd=ROOT):
     """main.py in a subprocess; the timeout only stops a hang, it is no measure of speed."""
     return subprocess.run([sys.executable, str(ROOT / "main.py"), *map(str, args)],
                           cwd=cwd, capture_output=True, text=True, timeout=1800, env=ONE_THREAD)
-
-
-def main_in_process(capsys, *args):
-    """(exit code, stdout, stderr) of main.main(args)."""
-    try:
-        main.main(list(map(str, args)))
-        code = 0
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def check_run_folder(run_dir, kind, epochs, drawn=True):

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, interrupted_in_epoch, make_tiny_mnist
+from conftest import ROOT, interrupted_in_epoch, main_in_process, make_tiny_mnist
 import main
 import data
 import judge
 import runs
 import viz
-from test_cli import ONE_THREAD, main_in_process
+from test_cli import ONE_THREAD
 
 # 96 training images less 16 for validation: 5 steps of 16 an epoch, on a small MLP
 TINY = ["--model", "vae", "--batch-size", 16, "--val-size", 16, "--latent-dim", 3, "--hidden-dim", 32,
