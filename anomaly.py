@@ -71,11 +71,14 @@ def auroc(scores, is_anomaly):
 
 
 def roc_curve(scores, is_anomaly):
-    """(false positive rate, true positive rate) at every threshold, from (0, 0) to (1, 1)."""
+    """(false positive rate, true positive rate) at every threshold, from (0, 0) to (1, 1): one point
+    per distinct score, so that tied scores make one diagonal step, whose area counts each tied
+    (anomaly, normal) pair ½, as auroc does (a point per image would make a staircase in sort order)."""
     order = scores.argsort(descending=True)
-    hits = is_anomaly[order].double()
-    tpr = torch.cat([torch.zeros(1), hits.cumsum(0) / hits.sum()])
-    fpr = torch.cat([torch.zeros(1), (1 - hits).cumsum(0) / (1 - hits).sum()])
+    hits, ordered = is_anomaly[order].double(), scores[order]
+    last_of_tie = torch.cat([ordered[1:] != ordered[:-1], torch.ones(1, dtype=torch.bool)])
+    tpr = torch.cat([torch.zeros(1), (hits.cumsum(0) / hits.sum())[last_of_tie]])
+    fpr = torch.cat([torch.zeros(1), ((1 - hits).cumsum(0) / (1 - hits).sum())[last_of_tie]])
     return fpr, tpr
 
 
