@@ -31,7 +31,6 @@ from matplotlib import colormaps
 
 import data
 import losses
-import models
 import runs
 from viz import figure, save_figure
 
@@ -72,11 +71,14 @@ def auroc(scores, is_anomaly):
 
 
 def roc_curve(scores, is_anomaly):
-    """(false positive rate, true positive rate) at every threshold, from (0, 0) to (1, 1)."""
+    """(false positive rate, true positive rate) at every threshold, from (0, 0) to (1, 1): one point
+    per distinct score, so that tied scores make one diagonal step, whose area counts each tied
+    (anomaly, normal) pair ½, as auroc does (a point per image would make a staircase in sort order)."""
     order = scores.argsort(descending=True)
-    hits = is_anomaly[order].double()
-    tpr = torch.cat([torch.zeros(1), hits.cumsum(0) / hits.sum()])
-    fpr = torch.cat([torch.zeros(1), (1 - hits).cumsum(0) / (1 - hits).sum()])
+    hits, ordered = is_anomaly[order].double(), scores[order]
+    last_of_tie = torch.cat([ordered[1:] != ordered[:-1], torch.ones(1, dtype=torch.bool)])
+    tpr = torch.cat([torch.zeros(1), (hits.cumsum(0) / hits.sum())[last_of_tie]])
+    fpr = torch.cat([torch.zeros(1), ((1 - hits).cumsum(0) / (1 - hits).sum())[last_of_tie]])
     return fpr, tpr
 
 
@@ -88,7 +90,7 @@ def anomaly_scores(net, x, k, seed):
     """{score name: (n,) tensor on the CPU} for the images x, in batches; seeded. k = 0: no IW scores."""
     net.eval()
     parts = {name: [] for name in ("neg_elbo", "recon_error", "neg_log_px")[:3 if k else 2]}
-    with models.seeded(x.device, seed):
+    with data.seeded(x.device, seed):
         for xb, _ in data.batches(x, x, data.EVAL_BATCH_SIZE):
             x_logits, mu, logvar = net(xb)
             parts["neg_elbo"].append(-losses.elbo(xb, x_logits, mu, logvar)[0])

@@ -1,4 +1,5 @@
-"""MNIST, loaded once into tensors on the training device and served in shuffled batches.
+"""MNIST, loaded once into tensors on the training device and served in shuffled batches; the
+seeded random draws of evaluation and pictures.
 
 The project ships the four original MNIST files gzip-compressed under data/MNIST/raw/. On
 first use they are unpacked beside themselves (and checked against the published md5s), so
@@ -9,6 +10,7 @@ Why not a DataLoader: torchvision's MNIST turns each image into a PIL image and 
 tensor (ToTensor) on every access, which costs more than the MLP's own forward and backward
 pass. Here the whole set is one (n, 1, 28, 28) float tensor and a batch is one index_select.
 """
+import contextlib
 import gzip
 import hashlib
 import os
@@ -186,6 +188,17 @@ def load_sets(data_dir, val_size, binarize, device):
 def binarize_dynamic(x):
     """A fresh draw of binary pixels for a training batch, from the global (seeded) random stream."""
     return torch.bernoulli(x)
+
+
+@contextlib.contextmanager
+def seeded(device, seed):
+    """Random numbers on `device` start from `seed` inside; outside, the global random state is as
+    it was, so seeded evaluation and pictures never shift the training run's random stream."""
+    # on CUDA, MPS, XPU, ...: fork that device's stream too; on the CPU only the CPU's
+    forked = {"devices": [device], "device_type": device.type} if device.type != "cpu" else {"devices": []}
+    with torch.random.fork_rng(**forked):
+        torch.manual_seed(seed)
+        yield
 
 
 EVAL_BATCH_SIZE = 1000     # images per forward pass in evaluation and pictures: bounds memory, changes no number

@@ -45,7 +45,8 @@ import torch
 from PIL import Image
 
 import runs
-from models import CVAE, seeded
+from models import CVAE
+from data import seeded
 
 TEMPLATE = Path(__file__).resolve().parent / "explorer_template.html"
 N_POINTS = 2500        # test digits on the latent plane

@@ -112,7 +112,7 @@ def log_px_observed(x, hidden, encode, decode, k, n_chains=N_CHAINS, steps=CHAIN
 def conditional_nll(net, x, k, seed, n_given=(1, 2, 3)):
     """{'log_px': (n,), q: (n,) of −log p(x_h|x_o) for q given quadrants}, batch by batch, seeded."""
     parts = {"log_px": [], **{q: [] for q in n_given}}
-    with models.seeded(x.device, seed):
+    with data.seeded(x.device, seed):
         for xb, _ in data.batches(x, x, BATCH):
             log_px = losses.iw_log_px(xb, net.encode, net.decode, k)
             parts["log_px"].append(log_px)
@@ -149,7 +149,7 @@ def completions_figure(net, x, y, seed, path, n_samples=6):
                              gridspec_kw={"wspace": 0.06, "left": 0.01, "right": 0.99})
     for ax, q in zip(axes, (1, 2, 3)):
         hidden = hidden_mask(q).to(x.device)
-        with models.seeded(x.device, seed):
+        with data.seeded(x.device, seed):
             mu, logvar, _ = completion_chains(x[idx], hidden, net.encode, net.decode, n_samples)
             means = torch.sigmoid(net.decode(models.reparameterize(mu, logvar).flatten(0, 1)))
         filled = torch.where(hidden, means.view(n_samples, *x[idx].shape), x[idx]).transpose(0, 1)

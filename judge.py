@@ -84,7 +84,7 @@ def sample_accuracy(net, classifier, seed, n_per_class=100):
     """How often a sample of p(x|y = d), z ~ N(0, I), is labelled d by the classifier, per digit d."""
     device = net.enc_mu.weight.device
     y = torch.arange(net.n_classes, device=device).repeat_interleave(n_per_class)
-    with models.seeded(device, seed):
+    with data.seeded(device, seed):
         hits = classifier(net.sample(len(y), y)).argmax(1) == y
     per_digit = hits.view(net.n_classes, n_per_class).double().mean(1)
     return {"overall": hits.double().mean().item(), "per_digit": per_digit.tolist()}

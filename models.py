@@ -6,8 +6,6 @@
 Paper tags (AEVB, M2, CVAE) are defined in losses.py. Decoders return Bernoulli logits of
 shape (n, 1, 28, 28); a sigmoid appears only in `sample`, where images are made.
 """
-import contextlib
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -208,7 +206,7 @@ def channels_last(net):
 
 
 # ---------------------------------------------------------------------------------------------
-# Building a model by name, the arguments that rebuild it, its optimizer, seeded randomness
+# Building a model by name, and the arguments that rebuild it
 # ---------------------------------------------------------------------------------------------
 MODELS = {"vae": VAE, "cvae": CVAE}
 
@@ -226,30 +224,3 @@ def model_args(net):
     return {"model": kind, "arch": net.arch, "latent_dim": net.latent_dim, "hidden_dim": net.hidden_dim,
             "hidden_layers": net.hidden_layers, "activation": net.activation,
             "conv_channels": list(net.conv_channels) if net.conv_channels else None}
-
-
-# Conv checkpoints written before the channels were a flag hold no "conv_channels": they were
-# built with (32, 64), which runs.read_checkpoint therefore takes when none is stored.
-LEGACY_CONV_CHANNELS = (32, 64)
-
-
-FUSED_ADAM_DEVICES = {"cpu", "cuda", "mps", "xpu", "hpu"}     # where torch.optim.Adam has a fused kernel
-
-
-def make_optimizer(net, lr, eps):
-    """Adam; the fused kernel updates all parameters in one call (about 10% of a CPU epoch saved),
-    on the devices that have one; elsewhere the default (foreach) implementation."""
-    # fused=None (not False) elsewhere: False would force the slow per-parameter loop
-    fused = True if next(net.parameters()).device.type in FUSED_ADAM_DEVICES else None
-    return torch.optim.Adam(net.parameters(), lr=lr, eps=eps, fused=fused)
-
-
-@contextlib.contextmanager
-def seeded(device, seed):
-    """Random numbers on `device` start from `seed` inside; outside, the global random state is as
-    it was, so seeded evaluation and pictures never shift the training run's random stream."""
-    # on CUDA, MPS, XPU, ...: fork that device's stream too; on the CPU only the CPU's
-    forked = {"devices": [device], "device_type": device.type} if device.type != "cpu" else {"devices": []}
-    with torch.random.fork_rng(**forked):
-        torch.manual_seed(seed)
-        yield

@@ -351,6 +351,10 @@ def cpu_info():
 # ------------------------------------------------------------------------------------------------
 # Checkpoints: plain dicts (format, weights, model_args, config, epoch, history; optimizer and RNG)
 # ------------------------------------------------------------------------------------------------
+# Conv checkpoints written before the channels were a flag hold no "conv_channels": they were
+# built with (32, 64), which read_checkpoint and merge_config therefore take when none is stored.
+LEGACY_CONV_CHANNELS = (32, 64)
+
 # 2: `config` holds what was trained (the hyperparameters) and nothing of how it ran (device, paths,
 # --max-batches, --iw-samples). 1 (no `format` key): `config` held both.
 CHECKPOINT_FORMAT = 2
@@ -378,7 +382,7 @@ def merge_config(ckpt, defaults, given, may_change, what, execution=()):
     stored = {k: v for k, v in (ckpt.get("config") or {}).items() if k in defaults and k not in execution}
     if stored.get("arch") == "conv" and "conv_channels" not in stored:   # written before the flag existed,
         args = ckpt["model_args"]                                        # when hidden_dim 0 meant 256
-        stored.update(conv_channels=",".join(map(str, args.get("conv_channels") or models.LEGACY_CONV_CHANNELS)),
+        stored.update(conv_channels=",".join(map(str, args.get("conv_channels") or LEGACY_CONV_CHANNELS)),
                       hidden_dim=args["hidden_dim"])
     saved = {**defaults, **stored}
     for name in sorted(set(given) - set(may_change)):
@@ -408,7 +412,7 @@ def read_checkpoint(path, device):
         raise UsageError(f"no checkpoint at {path}: pass the path of a .pt file written by main.py")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-        net = models.build_model(**{"conv_channels": models.LEGACY_CONV_CHANNELS, **ckpt["model_args"]})
+        net = models.build_model(**{"conv_channels": LEGACY_CONV_CHANNELS, **ckpt["model_args"]})
         differ = shape_mismatches(net.state_dict(), ckpt["model"])
         if not differ:
             net.load_state_dict(ckpt["model"])

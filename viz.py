@@ -2,7 +2,7 @@
 
 `gallery` draws every figure below that applies to a model; each figure is also a function of its
 own. Every random choice (which test digits, which z, which noise) is made inside
-`models.seeded`, so a figure is the same on every call and never shifts training's random stream.
+`data.seeded`, so a figure is the same on every call and never shifts training's random stream.
 Decoders return logits; the sigmoid that turns them into pixel means is applied here, where
 images are drawn. Paper tags: AEVB, M2 and CVAE as in losses.py.
 """
@@ -14,8 +14,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid, save_image
 
-from data import EVAL_BATCH_SIZE, batches
-from models import CVAE, N_CLASSES, reparameterize, seeded
+from data import EVAL_BATCH_SIZE, batches, seeded
+from models import CVAE, N_CLASSES, reparameterize
 
 PAD = 2                 # pixels between the images of a grid
 CELL = 28 + PAD         # one image and its padding
@@ -425,7 +425,7 @@ def completions(net, x, y, path, n_samples=5, n_iters=50, seed=0):
 
 # ---------------------------------------------------------------------------------------------
 # 7. Anomaly scores: which test digits does the model find least likely? The score of an image is
-# its −ELBO, computed by main.elbo_per_image, whose mean is the test −ELBO main.py reports.
+# its −ELBO, computed by main.evaluate, whose mean is the test −ELBO main.py reports.
 # ---------------------------------------------------------------------------------------------
 def anomaly_histogram(net, scores, path, n_marked):
     """Histogram of the scores, with their mean and the score of the n_marked-th least likely."""

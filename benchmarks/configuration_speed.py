@@ -19,7 +19,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data      # noqa: E402
 import main      # noqa: E402
-import models    # noqa: E402
 import runs      # noqa: E402
 from bbans import cpu_name    # noqa: E402
 
@@ -38,7 +37,7 @@ def seconds_per_epoch(argv, train_set, batches, device):
     cfg, _, _ = main.parse_args(argv + ["--max-batches", str(batches)])
     torch.manual_seed(cfg.seed)
     net = main.build_net(cfg.model, cfg, device)
-    optimizer = models.make_optimizer(net, cfg.lr, cfg.adam_eps)
+    optimizer = main.make_optimizer(net, cfg.lr, cfg.adam_eps)
     generator = torch.Generator().manual_seed(cfg.seed)
     main.train_epoch(net, optimizer, *train_set, dataclasses.replace(cfg, max_batches=5), generator, 1)
     start = time.perf_counter()

@@ -55,7 +55,7 @@ def in_memory_epoch(net, optimizer, train_set, generator, epoch, bf16=False):
 def fresh_model(seed, device):
     torch.manual_seed(seed)
     net = models.build_model("vae", "mlp", latent_dim=20, hidden_dim=400).to(device)
-    return net, models.make_optimizer(net, lr=1e-3, eps=1e-8)     # main.py's defaults
+    return net, main.make_optimizer(net, lr=1e-3, eps=1e-8)     # main.py's defaults
 
 
 def seconds_per_call(call, repeats=200, warmup=20):
@@ -163,7 +163,7 @@ def benchmark():
             seconds[name].append(time.perf_counter() - start)
 
     baseline = "DataLoader + ToTensor, fp32"
-    tests = {name: main.evaluate(net, *test_set, args.seed)["test_neg_elbo"] for name, (net, _) in runs.items()}
+    tests = {name: main.evaluate(net, *test_set, args.seed)[0]["test_neg_elbo"] for name, (net, _) in runs.items()}
     print(f"{'':36s} {'median epoch':>12s} {'min':>6s} {'max':>6s}  {'test -ELBO':>10s}  "
           f"time / DataLoader fp32 (median of per-epoch ratios, min-max)")
     for name, times in seconds.items():

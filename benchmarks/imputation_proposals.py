@@ -24,7 +24,6 @@ import bbans        # noqa: E402
 import data         # noqa: E402
 import imputation   # noqa: E402
 import losses       # noqa: E402
-import models       # noqa: E402
 import runs         # noqa: E402
 
 # (M chains, chain steps, fitting steps, K): the command's proposal without and with the fit, then more of each
@@ -35,7 +34,7 @@ ROWS = [(20, 50, 0, 1000), (20, 50, 50, 1000), (20, 50, 200, 1000), (50, 50, 50,
 def score(net, x, log_px, n_chains, steps, fit_steps, k, seed):
     """Mean −log p(x_h|x_o) for 1, 2, 3 given quadrants under one proposal."""
     means = []
-    with models.seeded(x.device, seed):
+    with data.seeded(x.device, seed):
         for q in (1, 2, 3):
             hidden = imputation.hidden_mask(q)
             log_pxo = imputation.log_px_observed(x, hidden, net.encode, net.decode, k, n_chains, steps, fit_steps)
@@ -54,7 +53,7 @@ def benchmark(argv=None):
     net, _ = runs.read_checkpoint(args.checkpoint, torch.device("cpu"))
     _, (x_test, _) = data.load_mnist(data.data_path(args.data_dir), torch.device("cpu"))
     x = data.binarize_once(x_test, "test")[:args.n]
-    with torch.no_grad(), models.seeded(x.device, args.seed):
+    with torch.no_grad(), data.seeded(x.device, args.seed):
         log_px = losses.iw_log_px(x, net.encode, net.decode, 5000)
     print(f"{args.checkpoint}, first {len(x)} binarized test digits: −log p(x) {-log_px.mean():.2f} (K = 5000); "
           f"{bbans.cpu_name()}, one thread")

@@ -1,5 +1,8 @@
-"""Tiny MNIST-format data written by the tests themselves: no network, no real data needed."""
+"""What several test files share: tiny MNIST-format data written by the tests themselves (no network,
+no real data needed), models whose answers are known, a 1-d toy model small enough to integrate,
+and main.py run in this process."""
 import contextlib
+import math
 import struct
 import sys
 from pathlib import Path
@@ -7,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import models  # noqa: E402
+from torch.distributions import Bernoulli, Normal
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import models  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -97,3 +99,54 @@ def bar(digits):
     for d in digits:
         picture[4 + 2 * d: 6 + 2 * d, 4:24] = 1
     return picture
+
+
+def painting_cvae(paint=lambda d: d):
+    """A real CVAE whose p(x|y, z) draws bar([paint(y)]) whatever z: the decoder's hidden layer is the
+    one-hot label (z's weights zero), and its output logits are ±10 on that label's picture."""
+    net = models.build_model("cvae", "mlp", latent_dim=2, hidden_dim=10)
+    first, last = net.decoder[0], net.decoder[-2]
+    with torch.no_grad():
+        first.weight.zero_(), first.bias.zero_(), last.bias.zero_()
+        first.weight[:, 2:] = torch.eye(10)                     # h = relu(one-hot(y))
+        for d in range(10):
+            last.weight[:, d] = 20 * bar([paint(d)]).flatten() - 10
+    return net.eval()
+
+
+# A model small enough to integrate (tests/test_iw.py, test_imputation.py): z ~ N(0, 1) in one
+# dimension and 4 pixels, p(x_d|z) = Bernoulli(σ(a_d z + b_d)); log p(x) is a 1-d integral.
+TOY_A = torch.tensor([2.0, -1.5, 0.5, 1.0])
+TOY_B = torch.tensor([0.3, 0.0, -0.7, 0.2])
+GRID = torch.linspace(-12, 12, 24001, dtype=torch.float64)
+DZ = (GRID[1] - GRID[0]).item()
+
+
+def log_joint_on_grid(x, pixels=slice(None), logits_bias=TOY_B):
+    """log p(x_pixels, z) = Σ_{d in pixels} log p(x_d|z) + log p(z) at every grid point z, in float64."""
+    logits = GRID[:, None] * TOY_A.double() + logits_bias.double()
+    return Bernoulli(logits=logits[:, pixels]).log_prob(x[pixels].double()).sum(1) + Normal(0.0, 1.0).log_prob(GRID)
+
+
+def exact_log_p(x, pixels=slice(None), logits_bias=TOY_B):
+    """log ∫ Π_{d in pixels} p(x_d|z) p(z) dz on the grid: log p(x), or log p(x_o) for some pixels."""
+    return (torch.logsumexp(log_joint_on_grid(x, pixels, logits_bias), 0) + math.log(DZ)).item()
+
+
+def main_in_process(capsys, *args):
+    """(exit code, stdout, stderr) of main.main(args)."""
+    import main
+    try:
+        main.main(list(map(str, args)))
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def refused(capsys, *args):
+    """The one-line error of a command main.py refuses with exit code 2 (no traceback)."""
+    code, _, err = main_in_process(capsys, *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err

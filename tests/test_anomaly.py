@@ -9,12 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import bar, fake_digits, painting_vae
-from test_cli import main_in_process
+from conftest import bar, fake_digits, main_in_process, painting_vae
 
 import anomaly
 import main
-import models
 import runs
 
 
@@ -48,13 +46,16 @@ def test_auroc_extremes_and_bad_input():
         anomaly.auroc(torch.ones(4), torch.zeros(4, dtype=torch.bool))
 
 
-def test_the_area_under_the_drawn_roc_curve_is_the_auroc():
+@pytest.mark.parametrize("n_values", [3, 10, 0])                    # many ties, some, none (continuous)
+def test_the_area_under_the_drawn_roc_curve_is_the_pair_count(n_values):
+    """The curve's trapezoids against every (anomaly, normal) pair, ties counted ½ (Mann–Whitney)."""
     generator = torch.Generator().manual_seed(3)
     is_anomaly = torch.rand(500, generator=generator) < 0.5
-    scores = torch.randn(500, generator=generator) + is_anomaly.float()            # no ties
+    noise = torch.randint(0, n_values, (500,), generator=generator).float() if n_values else torch.randn(500, generator=generator)
+    scores = noise + is_anomaly.float()
     fpr, tpr = anomaly.roc_curve(scores, is_anomaly)
-    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
-    assert np.trapezoid(tpr.numpy(), fpr.numpy()) == pytest.approx(anomaly.auroc(scores, is_anomaly), abs=1e-9)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1) and len(fpr) == len(scores.unique()) + 1
+    assert np.trapezoid(tpr.numpy(), fpr.numpy()) == pytest.approx(pair_count_auroc(scores, is_anomaly), abs=1e-9)
 
 
 def test_digits_are_parsed_or_refused():

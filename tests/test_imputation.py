@@ -10,19 +10,15 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, Normal
 
-from conftest import make_tiny_mnist
+from conftest import DZ, GRID, TOY_A as A, TOY_B as B, exact_log_p, make_tiny_mnist
 import imputation
 import losses
 import main
 import runs
 import models
 
-# A 4-pixel model with a 1-d latent: z ~ N(0, 1), p(x_d|z) = Bernoulli(σ(a_d z + b_d)); the
+# conftest's 4-pixel model with a 1-d latent: z ~ N(0, 1), p(x_d|z) = Bernoulli(σ(a_d z + b_d)); the
 # "encoder" is any Gaussian that depends on x (here a crude linear guess), as a proposal must.
-A = torch.tensor([2.0, -1.5, 0.5, 1.0])
-B = torch.tensor([0.3, 0.0, -0.7, 0.2])
-GRID = torch.linspace(-12, 12, 24001, dtype=torch.float64)
-DZ = (GRID[1] - GRID[0]).item()
 ALL_X = torch.tensor(list(itertools.product([0.0, 1.0], repeat=4)))          # the 16 images
 
 
@@ -33,13 +29,6 @@ def decode(z):
 def encode(x):
     mu = (x - 0.5) @ torch.tensor([0.8, -0.6, 0.2, 0.4])
     return mu[:, None], torch.full((len(x), 1), math.log(0.5))                # (n, 1) each
-
-
-def exact_log_p(x, pixels):
-    """log ∫ Π_{d in pixels} p(x_d|z) p(z) dz on a fine grid, in float64: log p(x) or log p(x_o)."""
-    logits = GRID[:, None] * A.double() + B.double()
-    log_lik = Bernoulli(logits=logits[:, pixels]).log_prob(x[pixels].double()).sum(1)
-    return (torch.logsumexp(log_lik + Normal(0.0, 1.0).log_prob(GRID), 0) + math.log(DZ)).item()
 
 
 def test_the_grid_is_a_distribution_and_log_p_xo_sums_over_the_hidden_pixels():
@@ -197,10 +186,25 @@ def test_the_mixture_estimate_of_p_x_is_unbiased_for_any_k(k):
     p_hat = log_p.double().exp()                                             # E[p̂] = p(x): unbiased
     mean, stderr = p_hat.mean().item(), (p_hat.std() / math.sqrt(n)).item()
     assert abs(mean - toy_p_x()) < 4 * stderr
-    if k == 1:
-        # what weighting every sample by the equal-weight mixture, as if both components had drawn,
-        # gives in expectation: ∫ p(x, z) q_1(z) / (½ q_1(z) + ½ q_2(z)) dz, far from p(x)
-        q = Normal(TOY_MU.view(2, 1).double(), 1.2).log_prob(GRID).exp()      # (2, grid)
-        joint = torch.sigmoid(3 * GRID + 1) * Normal(0.0, 1.0).log_prob(GRID).exp()
-        equal_weights = (joint * q[0] / q.mean(0)).sum().item() * DZ
-        assert abs(equal_weights - toy_p_x()) > 10 * stderr
+
+
+@pytest.mark.parametrize("k", [1, 3, 4])
+def test_each_draw_is_weighted_by_the_mixture_the_k_draws_came_from(k):
+    """Draw for draw, recomputed with torch.distributions from the same ε: z_i comes from component
+    i mod 2, and log w_i = log p(x, z_i) − log Σ_m (n_m / k) N(z_i; μ_m, σ²), n_m the draws component
+    m made. K = 1 weighs by the first component alone, not by the equal mixture (whose mean, on this
+    toy, is far from p(x)); K = 4 by the equal mixture."""
+    n = 50
+    torch.manual_seed(0)
+    log_p = losses.iw_log_px(torch.ones(n, 1), None, toy_decode, k,
+                             proposal=(TOY_MU.expand(2, n, 1), TOY_LOGVAR.expand(2, n, 1)))
+    torch.manual_seed(0)
+    eps = torch.empty(k, n)
+    for eps_i in eps:                                       # iw_log_px's draws: one sample index at a time
+        eps_i.normal_()
+    component = torch.arange(k) % 2
+    z = (TOY_MU.view(2)[component, None] + 1.2 * eps).double()                # (k, n)
+    share = torch.bincount(component, minlength=2).double() / k               # n_m / k
+    log_q = torch.logsumexp(Normal(TOY_MU.view(2).double(), 1.2).log_prob(z[..., None]) + share.log(), dim=-1)
+    log_w = Bernoulli(logits=3 * z + 1).log_prob(torch.ones(())) + Normal(0.0, 1.0).log_prob(z) - log_q
+    torch.testing.assert_close(log_p.double(), torch.logsumexp(log_w, 0) - math.log(k), atol=1e-5, rtol=0)

@@ -4,33 +4,19 @@ import math
 
 import torch
 import torch.nn as nn
-from torch.distributions import Bernoulli, Independent, Normal, kl_divergence
+from torch.distributions import Independent, Normal, kl_divergence
 
+from conftest import DZ, GRID, TOY_A as A, TOY_B as B, exact_log_p, log_joint_on_grid
 import losses
 
-# A model small enough to integrate: z ~ N(0, 1) in one dimension, and 4 pixels
-# p(x_d|z) = Bernoulli(σ(a_d z + b_d)). decode returns logits shaped (m, 4, 1, 1), an "image"
-# like the real decoders' (m, 1, 28, 28), so iw_log_px must flatten them.
-A = torch.tensor([2.0, -1.5, 0.5, 1.0])
-B = torch.tensor([0.3, 0.0, -0.7, 0.2])
+# conftest's toy: z ~ N(0, 1) in one dimension, 4 pixels p(x_d|z) = Bernoulli(σ(a_d z + b_d)).
+# decode returns logits shaped (m, 4, 1, 1), an "image" like the real decoders' (m, 1, 28, 28),
+# so iw_log_px must flatten them.
 X = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]])   # 3 images
-GRID = torch.linspace(-12, 12, 24001, dtype=torch.float64)
-DZ = (GRID[1] - GRID[0]).item()
 
 
 def decode(z):
     return (z * A + B)[:, :, None, None]                                  # (m, 4, 1, 1)
-
-
-def log_joint_on_grid(x, logits_bias=B):
-    """log p(x, z) = log p(x|z) + log p(z) at every grid point z, in float64."""
-    logits = GRID[:, None] * A.double() + logits_bias.double()
-    return Bernoulli(logits=logits).log_prob(x.double()).sum(1) + Normal(0.0, 1.0).log_prob(GRID)
-
-
-def exact_log_px(x, logits_bias=B):
-    """log p(x) = log ∫ p(x|z) p(z) dz, a 1-D integral on a fine grid."""
-    return (torch.logsumexp(log_joint_on_grid(x, logits_bias), 0) + math.log(DZ)).item()
 
 
 def exact_posterior_moments(x):
@@ -64,7 +50,7 @@ def iw_repeated(mu, logvar, k, reps, seed=0):
     return losses.iw_log_px(x, lambda x: q, decode, k).view(reps, 3)
 
 
-EXACT = torch.tensor([exact_log_px(x) for x in X])
+EXACT = torch.tensor([exact_log_p(x) for x in X])
 BAD_Q = gaussian_q(shift=0.8, var_scale=3.0)      # off-centre and too wide: a loose ELBO
 GOOD_Q = gaussian_q(shift=0.0, var_scale=1.0)     # the posterior's own mean and variance
 
@@ -162,7 +148,7 @@ def test_labels_bound_by_the_caller_give_log_px_given_y():
         return decode(z) + c[y][:, :, None, None]
 
     x, y = X[[0, 0, 1, 2]], torch.tensor([0, 1, 1, 0])
-    exact = torch.tensor([exact_log_px(x[i], B + c[y[i]]) for i in range(4)])
+    exact = torch.tensor([exact_log_p(x[i], logits_bias=B + c[y[i]]) for i in range(4)])
     assert (exact[0] - exact[1]).abs() > 1.0
     reps = 200
     x, y = x.repeat(reps, 1)[:, :, None, None], y.repeat(reps)

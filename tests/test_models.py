@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import data
 import models
 import runs
 from conftest import ROOT
@@ -83,9 +84,9 @@ def test_vae_takes_a_label_and_ignores_it(arch):
     for y in (torch.tensor([0, 1, 2]), torch.tensor([7, 7, 7])):
         assert all(torch.equal(a, b) for a, b in zip(net.encode(x, y), net.encode(x)))
         assert torch.equal(net.decode(z, y), net.decode(z))
-        with models.seeded(x.device, 0):
+        with data.seeded(x.device, 0):
             with_y = net(x, y)
-        with models.seeded(x.device, 0):
+        with data.seeded(x.device, 0):
             without = net(x)
         assert all(torch.equal(a, b) for a, b in zip(with_y, without))
 
@@ -146,7 +147,7 @@ def test_bf16_training_step_gives_nearly_the_float32_elbo_and_gradient(kind):
     results = []
     for bf16 in (False, True):
         net.zero_grad()
-        with models.seeded(torch.device("cpu"), 1):
+        with data.seeded(torch.device("cpu"), 1):
             elbo, log_px, kl = main.elbo_terms(net, x, y, bf16=bf16)
         (-elbo.mean()).backward()
         grad = torch.cat([p.grad.flatten() for p in net.parameters()])

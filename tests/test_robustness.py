@@ -16,14 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, interrupted_in_epoch, make_tiny_mnist
+from conftest import ROOT, interrupted_in_epoch, main_in_process, make_tiny_mnist
 import main
 import data
 import judge
-import models
 import runs
 import viz
-from test_cli import ONE_THREAD, main_in_process
+from test_cli import ONE_THREAD
 
 # 96 training images less 16 for validation: 5 steps of 16 an epoch, on a small MLP
 TINY = ["--model", "vae", "--batch-size", 16, "--val-size", 16, "--latent-dim", 3, "--hidden-dim", 32,
@@ -244,8 +243,8 @@ def test_best_checkpoint_and_early_stopping_follow_the_validation_elbo(tiny_mnis
     curve = iter([50.0, 40.0, 30.0, 35.0, 45.0, 60.0, 70.0, 80.0])
 
     def fake_val(net, x, y, seed, max_batches=0, prefix="test"):
-        row = real_evaluate(net, x, y, seed, max_batches, prefix)
-        return {**row, "val_neg_elbo": next(curve)} if prefix == "val" else row
+        row, neg_elbo = real_evaluate(net, x, y, seed, max_batches, prefix)
+        return ({**row, "val_neg_elbo": next(curve)} if prefix == "val" else row), neg_elbo
 
     monkeypatch.setattr(main, "evaluate", fake_val)
     train_tiny(tiny_mnist, tmp_path / "out", "--epochs", 8, "--patience", 2)
@@ -270,7 +269,7 @@ def test_best_checkpoint_and_early_stopping_follow_the_validation_elbo(tiny_mnis
     (["--activation", "sigmoid"], "invalid choice"),
     (["--binarize", "static"], "invalid choice"),
     (["--resume", "missing.pt"], "no checkpoint at missing.pt"),
-    (["--seed", "99999999999999999999"], "--seed must be from 0 to 2**64 - 1"),    # torch.manual_seed's range
+    (["--seed", "18446744073709551616"], "--seed must be from 0 to 2**64 - 1"),    # 2**64: past torch.manual_seed's range
     (["--seed", "-1"], "--seed must be from 0 to 2**64 - 1"),
 ])
 def test_more_bad_input_gets_one_line_and_exit_code_2(tiny_mnist, tmp_path, capsys, args, message):
@@ -322,10 +321,26 @@ def test_bf16_is_refused_where_the_device_has_no_autocast(monkeypatch):
     assert runs.pick_device("auto", "fp32") == torch.device("xla")
 
 
-def test_adam_is_fused_on_the_devices_that_have_the_kernel():
-    net = torch.nn.Linear(2, 2)
-    assert models.make_optimizer(net, 1e-3, 1e-8).defaults["fused"]
-    assert "cpu" in models.FUSED_ADAM_DEVICES and "mps" in models.FUSED_ADAM_DEVICES
+def test_the_fused_adam_takes_the_steps_of_torchs_plain_adam():
+    """On the CPU make_optimizer picks the fused kernel; its steps are the per-parameter loop's (a
+    second implementation, torch's foreach=False) to float rounding. On a device without the kernel
+    (here: meta) it leaves the choice to torch."""
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    fused = main.make_optimizer(nets[0], 1e-2, 1e-8)
+    plain = torch.optim.Adam(nets[1].parameters(), lr=1e-2, eps=1e-8, foreach=False)
+    assert fused.defaults["fused"]
+    x = torch.randn(5, 3)
+    for _ in range(10):
+        for net, optimizer in zip(nets, (fused, plain)):
+            optimizer.zero_grad()
+            net(x).pow(2).sum().backward()
+            optimizer.step()
+    for p, q in zip(*(net.parameters() for net in nets)):
+        torch.testing.assert_close(p, q)
+    assert not torch.equal(nets[0][0].weight, torch.nn.Linear(3, 4).weight)        # they moved
+    assert main.make_optimizer(torch.nn.Linear(2, 2, device="meta"), 1e-3, 1e-8).defaults["fused"] is None
 
 
 def test_bad_conv_channels_get_one_line(tiny_mnist, tmp_path, capsys):
@@ -491,9 +506,16 @@ def test_an_unreadable_cached_classifier_is_retrained(tiny_mnist, capsys):
     assert torch.load(tiny_mnist / "classifier.pt", weights_only=True)["test_accuracy"] == accuracy
 
 
-def test_the_largest_seed_torch_takes_is_accepted():
-    main.check_config(main.Config(seed=main.SEED_RANGE[1]))
-    torch.manual_seed(main.SEED_RANGE[1])
+def test_the_seeds_accepted_are_the_ones_torch_takes():
+    """The ends of --seed's range are torch.manual_seed's, found by asking torch: 0 and 2**64 − 1 are
+    taken by both, 2**64 by neither (main.py's one-line refusals of 2**64 and of -1, which torch
+    would alias to 2**64 − 1, are tested with the other bad input above)."""
+    with torch.random.fork_rng(devices=[]):
+        for seed in (0, 2 ** 64 - 1):
+            torch.manual_seed(seed)
+            main.check_config(main.Config(seed=seed))
+        with pytest.raises(ValueError):
+            torch.manual_seed(2 ** 64)
 
 
 def test_out_of_memory_gets_one_line_that_suggests_a_smaller_batch(tiny_mnist, tmp_path, capsys, monkeypatch):

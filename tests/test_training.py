@@ -7,6 +7,7 @@ import torch
 
 import losses
 import main
+import data
 import models
 
 
@@ -51,7 +52,7 @@ def test_dynamic_binarization_reaches_the_model_and_is_redrawn_each_epoch(monkey
     torch.manual_seed(0)
     net = models.build_model("vae", "mlp", latent_dim=2, hidden_dim=8)
     cfg = main.Config(batch_size=32, binarize=binarize)
-    optimizer = models.make_optimizer(net, cfg.lr, cfg.adam_eps)
+    optimizer = main.make_optimizer(net, cfg.lr, cfg.adam_eps)
     for epoch in (1, 2):         # one batch of the same 32 images per epoch, in order
         main.train_epoch(net, optimizer, x, torch.zeros(32, dtype=torch.long), cfg, None, epoch)
     if binarize == "none":
@@ -75,11 +76,11 @@ def test_cvae_test_nll_pairs_every_importance_sample_with_its_own_images_label()
 
     def decode_block_by_block(z):
         return torch.cat([net.decode(block, y) for block in z.split(len(y))])
-    with torch.no_grad(), models.seeded(x.device, 5):
+    with torch.no_grad(), data.seeded(x.device, 5):
         reference = losses.iw_log_px(x, lambda v: net.encode(v, y), decode_block_by_block, 8)
     assert main.iw_nll(net, x, y, k=8, seed=5) == pytest.approx(-reference.mean().item(), rel=1e-6)
     # which would catch a wrong pairing: image-major labels (repeat_interleave) score far apart
-    with torch.no_grad(), models.seeded(x.device, 5):
+    with torch.no_grad(), data.seeded(x.device, 5):
         mispaired = losses.iw_log_px(x, lambda v: net.encode(v, y),
                                      lambda z: net.decode(z, y.repeat_interleave(len(z) // len(y))), 8)
     assert abs(mispaired.mean() - reference.mean()) > 1
@@ -106,9 +107,9 @@ def trained_vae():
     torch.manual_seed(0)
     net = models.build_model("vae", "mlp", latent_dim=4, hidden_dim=64)
     cfg = main.Config(batch_size=32, epochs=20, lr=3e-3)
-    optimizer = models.make_optimizer(net, cfg.lr, cfg.adam_eps)
+    optimizer = main.make_optimizer(net, cfg.lr, cfg.adam_eps)
     generator = torch.Generator().manual_seed(0)
-    before = main.evaluate(net, x_test, y_test, seed=0)
+    before = main.evaluate(net, x_test, y_test, seed=0)[0]
     for epoch in range(1, cfg.epochs + 1):                 # 16 steps an epoch
         main.train_epoch(net, optimizer, x, y, cfg, generator, epoch)
     return net, before, x_test, y_test
@@ -119,7 +120,7 @@ def test_training_lowers_the_neg_elbo_of_held_out_images(trained_vae):
     flipped sign of the loss (it diverges: the NaN guard stops it) or of β·KL (the KL grows without
     bound) fails here."""
     net, before, x_test, y_test = trained_vae
-    after = main.evaluate(net, x_test, y_test, seed=0)
+    after = main.evaluate(net, x_test, y_test, seed=0)[0]
     assert after["test_neg_elbo"] < 0.5 * before["test_neg_elbo"]       # measured: 551 -> 213 nats
     assert 0 < after["test_kl"] < 50                                    # measured: 8 nats
 
@@ -129,7 +130,7 @@ def test_iw_nll_is_at_or_below_the_test_neg_elbo_of_a_trained_model(trained_vae)
     images (K = 10, 50) is at or below the −ELBO that evaluate reports, lower for the larger K, and
     by no more than a few nats (measured: 213.2 −ELBO, 212.3 at K = 10, 212.2 at K = 50)."""
     net, _, x_test, y_test = trained_vae
-    neg_elbo = main.evaluate(net, x_test, y_test, seed=0)["test_neg_elbo"]
+    neg_elbo = main.evaluate(net, x_test, y_test, seed=0)[0]["test_neg_elbo"]
     nll_10, nll_50 = (main.iw_nll(net, x_test, y_test, k=k, seed=0) for k in (10, 50))
     assert nll_50 < nll_10 < neg_elbo             # strictly: a K that did not reach the bound would tie
     assert neg_elbo - nll_50 < 10
@@ -221,7 +222,7 @@ def test_train_epoch_takes_the_plain_sgvb_steps_bit_for_bit(binarize, warmup):
     for plain in (False, True):
         torch.manual_seed(0)
         net = models.build_model("vae", "mlp", latent_dim=3, hidden_dim=16)
-        optimizer = models.make_optimizer(net, cfg.lr, cfg.adam_eps)
+        optimizer = main.make_optimizer(net, cfg.lr, cfg.adam_eps)
         generator = torch.Generator().manual_seed(1)
         if plain:
             for step, (xb, yb) in enumerate(main.data.batches(x, y, cfg.batch_size, generator)):
