@@ -293,6 +293,13 @@ def stamp_provenance(run_dir, device):
     return run_dir
 
 
+def run_seconds(record):
+    """The wall seconds a metrics.json's run took: its last process's and those of the processes
+    before it (a resumed run), each as far as it last wrote."""
+    processes = [record["provenance"], *record.get("earlier_provenance", [])]
+    return sum(p["wall_seconds"] for p in processes), len(processes)
+
+
 def load_average():
     """The machine's load over the last 1, 5 and 15 minutes as the OS reports it (None where it
     does not): above the thread count, the run's times were shared with other work."""

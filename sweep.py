@@ -221,19 +221,23 @@ def write_records(run_dirs, folder):
 
 def records_table(paths, root="."):
     """A markdown table of the machines behind records (paths relative to root, one row per run
-    record): CPU, threads, load, torch, commit, start and wall time, read from each provenance."""
-    lines = ["| record | device | threads | load at end | torch | commit | started (UTC) | wall time |",
+    record): CPU, threads, load, torch, commit, start and wall time (over all the processes of a
+    resumed run), read from each record's provenance; a resumed run shows its last process's."""
+    lines = ["| record | device | threads | load at end | torch | commit | last started (UTC) | wall time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for path in sorted(Path(p) for p in paths):
-        p = runs.read_json(Path(root) / path).get("provenance")
+        record = runs.read_json(Path(root) / path)
+        p = record.get("provenance")
         if not p:
             continue
+        seconds, processes = runs.run_seconds(record)
         cpu = p.get("cpu") or {}
         device = p["device_name"] + (f" (family {cpu['cpu family']}, model {cpu['model']}; "
                                      f"{', '.join(cpu['features'])})" if cpu.get("cpu family") else "")
         load = "" if not p.get("load_average") else f"{p['load_average'][0]:.1f}"
         lines.append(f"| `{path.as_posix()}` | {device} | {p['threads']} | {load} | {p['torch']} | "
-                     f"{p['commit'][:7]} | {p['started_utc'][:16].replace('T', ' ')} | {minutes(p['wall_seconds'])} |")
+                     f"{p['commit'][:7]} | {p['started_utc'][:16].replace('T', ' ')} | {minutes(seconds)}"
+                     + (f" in {processes} processes (resumed)" if processes > 1 else "") + " |")
     return "\n".join(lines)
 
 

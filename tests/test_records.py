@@ -1,0 +1,196 @@
+"""The published numbers against their records. records/ holds the metrics.json behind each number
+(made small by runs.record, written by `python sweep.py --summarize RUN... --records DIR`). Every row
+of a results table in README.md, RESULTS.md and docs/ that cites a record is read: each number in
+its result columns must be a value of that record, as printed (rounded to the digits shown, a
+percentage from a fraction). A row of a table with a record column cites one or says "no record".
+Changing a number in a document, or in a record, fails here."""
+import math
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+
+import runs
+import sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", ROOT / "RESULTS.md", *sorted((ROOT / "docs").glob("*.md"))]
+RECORDS = sorted((ROOT / "records").rglob("*.json"))
+RECORD = re.compile(r"records/[\w./-]+?\.json")
+# the columns whose numbers are results (not anchors, commands, machines or times)
+RESULT_COLUMN = re.compile(r"^(ours|test −ELBO|= recon \+ KL|test NLL|test −log p|bits/dim|samples (judged right|that are)|"
+                           r"active units|best epoch|mean AUROC|AUROC|VAE |per seed|−log p\(x_h|nats|bits)", re.I)
+NUMBER = re.compile(r"(?<![\w.−-])(\d+(?:\.\d+)?)(%?)(?![\w.])")
+
+
+def tables(text):
+    """(header cells, [row cells...]) of every markdown table in text."""
+    lines = text.splitlines()
+    for i in range(len(lines) - 1):
+        if lines[i].startswith("|") and re.fullmatch(r"\|( *:?-+:? *\|)+", lines[i + 1].strip()) and \
+                (i == 0 or not lines[i - 1].startswith("|")):
+            rows = []
+            for line in lines[i + 2:]:
+                if not line.startswith("|"):
+                    break
+                rows.append(cells(line))
+            yield cells(lines[i]), rows
+
+
+def cells(line):
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+
+
+def record_values(path):
+    """Every number a record holds, but its provenance and per-epoch rows: a run's report and
+    configuration, or a summary's means, standard deviations and values."""
+    data = runs.read_json(path)
+    data = {k: v for k, v in data.items() if k not in ("provenance", "epochs", "earlier_provenance")}
+    found = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
+            found.append(x)
+    walk(data)
+    return found
+
+
+def printed_as(value, digits, percent):
+    return f"{value * (100 if percent else 1):.{digits}f}"
+
+
+def backed(token, percent, values):
+    digits = len(token.split(".")[1]) if "." in token else 0
+    return any(printed_as(v, digits, percent) == token for v in values) or \
+        (not percent and any(printed_as(v, digits, True) == token for v in values if 0 <= v <= 1))
+
+
+def cited_rows():
+    """(document, row text, record paths, [(column, number, is a percentage)]) of every table row
+    that cites a record."""
+    for doc in DOCS:
+        for header, rows in tables(doc.read_text(encoding="utf-8")):
+            if header[0] == "record":                   # the machines table, checked whole below
+                continue
+            for row in rows:
+                paths = sorted(set(RECORD.findall(" ".join(row))))
+                if not paths:
+                    continue
+                numbers = [(name, m.group(1), bool(m.group(2)))
+                           for name, cell in zip(header, row) if RESULT_COLUMN.match(name)
+                           for m in NUMBER.finditer(re.sub(r"\(.*?\)|`.*?`|records/\S+", "", cell))]
+                timing = " ".join(c for name, c in zip(header, row) if re.search(r"time|machine", name, re.I))
+                yield doc.name, " | ".join(row)[:80], paths, numbers, timing
+
+
+ROWS = list(cited_rows())
+
+
+def test_the_documents_cite_records():
+    assert len(ROWS) >= 8 and len(RECORDS) >= 8 and len(TIMED) >= 4
+
+
+@pytest.mark.parametrize("doc, row, paths, numbers, timing", ROWS, ids=[f"{d}: {r[:40]}" for d, r, *_ in ROWS])
+def test_each_number_of_a_row_is_a_value_of_its_records(doc, row, paths, numbers, timing):
+    for path in paths:
+        assert (ROOT / path).is_file(), f"{doc}: {path} does not exist"
+    values = [v for path in paths for v in record_values(ROOT / path)]
+    assert numbers, f"{doc}: the row '{row}' cites a record but shows no result"
+    wrong = [(column, token + ("%" if pct else "")) for column, token, pct in numbers if not backed(token, pct, values)]
+    assert not wrong, f"{doc}: '{row}': {wrong} are not values of {', '.join(paths)}"
+
+
+def test_a_table_with_a_record_column_cites_one_in_every_row():
+    for doc in DOCS:
+        for header, rows in tables(doc.read_text(encoding="utf-8")):
+            if not any(re.search(r"\brecord\b", h, re.I) for h in header):
+                continue
+            for row in rows:
+                text = " ".join(row)
+                assert RECORD.search(text) or "no record" in text, f"{doc.name}: '{text[:80]}' cites no record"
+
+
+@pytest.mark.parametrize("path", [p for p in RECORDS if p.name == "summary.json"],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_a_summary_is_the_mean_and_sample_std_of_its_seed_records(path):
+    """A second computation of each summary from the seed records beside it: a changed value in
+    either fails."""
+    summary = runs.read_json(path)
+    seeds = [runs.read_json(path.parent / name) for name in summary["runs"]]
+    ends = [runs.end_metrics_of(s) for s in seeds]
+    assert summary["metrics"]
+    for name, s in summary["metrics"].items():
+        values = [e[name] for e in ends if name in e]
+        assert s["values"] == values and s["n"] == len(values)
+        assert s["mean"] == pytest.approx(statistics.fmean(values), rel=1e-12)
+        assert s["std"] == (pytest.approx(statistics.stdev(values), rel=1e-12) if len(values) > 1 else None)
+
+
+@pytest.mark.parametrize("path", RECORDS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_a_record_holds_its_provenance_and_no_machine_path(path):
+    data = runs.read_json(path)
+    if path.name != "summary.json":
+        p = data["provenance"]
+        assert p["torch"] and p["device"] and p["argv"] and p["started_utc"] and p["wall_seconds"] > 0
+        assert len(p["commit"]) == 40 and p["dirty"] is False, f"{path}: run from a tree with uncommitted changes"
+    else:
+        assert all("/" not in name for name in data["runs"])
+
+
+def seed_records(paths):
+    """The run records among paths, and those a cited summary names."""
+    out = []
+    for path in paths:
+        data = runs.read_json(ROOT / path)
+        out += [(ROOT / path).parent / n for n in data["runs"]] if Path(path).name == "summary.json" else [ROOT / path]
+    return out
+
+
+TIME = re.compile(r"(\d+(?:\.\d+)?) (min|s)\b")
+
+
+TIMED = [r for r in ROWS if r[4]]
+
+
+@pytest.mark.parametrize("doc, row, paths, numbers, timing", TIMED, ids=[f"{d}: {r[:40]}" for d, r, *_ in TIMED])
+def test_a_rows_machine_and_time_are_its_records_provenance(doc, row, paths, numbers, timing):
+    """In a table with a time or machine column, the CPU a row names is its records' device_name,
+    and each time it gives ("90.5 min", or "63 s to 3.4 min" over seeds) is a wall time of one of
+    them (all its processes, if resumed), as sweep.minutes prints it."""
+    records = [runs.read_json(p) for p in seed_records(paths)]
+    assert any(r["provenance"]["device_name"] in timing for r in records), f"{doc}: '{row}' names no CPU of its records"
+    walls = [sweep.minutes(runs.run_seconds(r)[0]) for r in records]
+    times = [f"{m.group(1)} {m.group(2)}" for m in TIME.finditer(timing)]
+    assert times, f"{doc}: '{row}' gives no run time"
+    assert set(times) <= set(walls), f"{doc}: '{row}': {times} are not among the records' wall times {walls}"
+
+
+def test_results_md_lists_the_machines_of_its_records_as_they_recorded_them():
+    """RESULTS.md's table of the records' machines is python sweep.py --records-table's output."""
+    text = (ROOT / "RESULTS.md").read_text(encoding="utf-8")
+    shipped = [p for p in RECORDS if p.name != "summary.json"]
+    table = sweep.records_table([p.relative_to(ROOT) for p in shipped], root=ROOT)
+    assert table in text, "RESULTS.md: rebuild the table with python sweep.py --records-table records/*/*.json"
+
+
+def test_the_check_catches_a_changed_number():
+    """A fake row and record: the matcher accepts the printed rounding, and refuses one digit off."""
+    values = [86.1749, 0.9782, 22, 0.19]
+    assert backed("86.17", False, values) and backed("97.8", True, values) and backed("22", False, values)
+    assert backed("0.19", False, values) and backed("97.8", False, values)        # 97.8 of "97.8% ± 0.5"
+    assert not backed("86.18", False, values) and not backed("97.9", True, values) and not backed("23", False, values)
+    header, rows = next(tables("| model | ours | record |\n| --- | --- | --- |\n| VAE | **86.18 ± 0.19** | x |\n"))
+    assert [m.group(1) for m in NUMBER.finditer(rows[0][1])] == ["86.18", "0.19"]
+
+
+def test_a_resumed_runs_time_is_the_sum_of_its_processes():
+    record = {"provenance": {"wall_seconds": 60.0}, "earlier_provenance": [{"wall_seconds": 5400.0}, {"wall_seconds": 30.5}]}
+    assert runs.run_seconds(record) == (5490.5, 3) and sweep.minutes(5490.5) == "91.5 min"
+    assert runs.run_seconds({"provenance": {"wall_seconds": 119.4}}) == (119.4, 1) and sweep.minutes(119.4) == "119 s"
