@@ -5,7 +5,9 @@ is drawn closer to the prior's centre (z ~ N(0, τ² I)), on reconstructions of 
 same digit whatever label it is decoded with (the z, not the label, chose the digit). No test image
 is read. RESULTS.md, "The binarized CVAE's samples", reports its output.
 
-    python benchmarks/cvae_samples.py checkpoints/cvae-mlp-binarized.pt RUN/best.pt ...
+    python benchmarks/cvae_samples.py checkpoints/cvae-mlp-binarized.pt RUN/best.pt ... [--json OUT]
+
+--json writes the numbers with the run's provenance (records/cvae-samples/ holds the published one).
 """
 import argparse
 import math
@@ -53,23 +55,31 @@ def main(argv=None):
     parser.add_argument("checkpoints", nargs="+")
     parser.add_argument("--n-per-class", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", help="also write the numbers and this run's provenance here")
     opts = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     classifier, accuracy = judge.load_classifier("data", "cpu", 1)
     _, (x_val, y_val), _ = data.load_sets("data", 10000, "dynamic", "cpu")
     print(f"judge: {100 * accuracy:.2f}% on the MNIST test set; {opts.n_per_class} samples per digit; "
           f"validation images: the last 10,000 training images, binarized once")
+    report = {"n_per_class": opts.n_per_class, "seed": opts.seed, "checkpoints": {}}
     for path in opts.checkpoints:
         net, ckpt = runs.read_checkpoint(path, "cpu")
         net.eval()
         out, same = study(net, classifier, x_val.view(len(x_val), -1), y_val, opts.n_per_class, opts.seed)
         print(f"\n{path} (epoch {ckpt['epoch']})")
+        errors = {}
         for name, (acc, per) in out.items():
             n = len(y_val) if name.startswith("reconstruction") else net.n_classes * opts.n_per_class
-            se = math.sqrt(acc * (1 - acc) / n)
+            se = errors[name] = math.sqrt(acc * (1 - acc) / n)          # binomial standard error
             print(f"  {name:<30} {100 * acc:5.2f}% ± {100 * se:.2f}   per digit "
                   + " ".join(f"{100 * a:.0f}" for a in per))
         print(f"  a prior z judged the same digit under all 10 labels: {100 * same:.1f}% of 1000")
+        report["checkpoints"][str(path)] = {"epoch": ckpt["epoch"], "same_digit_under_all_labels": same, **{
+            name: {"accuracy": acc, "standard_error": errors[name], "per_digit": per}
+            for name, (acc, per) in out.items()}}
+    if opts.json:
+        runs.save_json({**report, "provenance": runs.provenance("cpu")}, opts.json)
 
 
 if __name__ == "__main__":
