@@ -587,3 +587,26 @@ def test_read_json_gives_an_empty_object_for_anything_but_a_json_object(tmp_path
         (tmp_path / "m.json").write_text(text)
         assert runs.read_json(tmp_path / "m.json") == expected
     assert runs.read_json(tmp_path / "missing.json") == {}
+
+
+def test_eval_of_a_smoke_run_reads_the_whole_test_set_with_the_default_k(tiny_mnist, tmp_path, capsys, monkeypatch):
+    """A run trained with --max-batches 1 --iw-samples 0: a plain --eval of it prints an NLL with
+    --help's K and scores all 48 test images (3 evaluation batches of 16 here), not the trained
+    run's 1 batch and K = 0; the same --eval with --max-batches 1 scores the first batch only."""
+    monkeypatch.setattr(data, "EVAL_BATCH_SIZE", 16)
+    with no_pictures():
+        train_tiny(tiny_mnist, tmp_path / "runs", "--epochs", 1, "--max-batches", 1, "--iw-samples", 0)
+    run = only_run(tmp_path / "runs")
+    with no_pictures():
+        code, out, err = main_in_process(capsys, "--eval", run / "checkpoint.pt", "--data-dir", tiny_mnist,
+                                         "--out-dir", tmp_path / "whole")
+        assert code == 0, err
+        code, _, err = main_in_process(capsys, "--eval", run / "checkpoint.pt", "--data-dir", tiny_mnist,
+                                       "--max-batches", 1, "--out-dir", tmp_path / "part")
+        assert code == 0, err
+    whole = json.loads((only_run(tmp_path / "whole") / "metrics.json").read_text())
+    part = json.loads((only_run(tmp_path / "part") / "metrics.json").read_text())
+    assert whole["config"]["max_batches"] == 0 and whole["eval"]["iw_samples"] == main.Config().iw_samples == 100
+    assert "NLL" in out and whole["eval"]["test_nll"] > 0
+    assert whole["trained_config"].get("max_batches") is None              # the smoke run's setting was not kept
+    assert part["config"]["max_batches"] == 1 and part["eval"]["test_neg_elbo"] != whole["eval"]["test_neg_elbo"]
