@@ -21,7 +21,7 @@ RECORD = re.compile(r"records/[\w./-]+?\.json")
 # the columns whose numbers are results (not anchors, commands, machines or times)
 RESULT_COLUMN = re.compile(r"^(ours|test −ELBO|= recon \+ KL|test NLL|test −log p|bits/dim|samples (judged right|that are)|"
                            r"active units|best epoch|mean AUROC|AUROC|VAE |per seed|−log p\(x_h|nats|bits)", re.I)
-NUMBER = re.compile(r"(?<![\w.−-])(\d+(?:\.\d+)?)(%?)(?![\w.])")
+NUMBER = re.compile(r"(?<![\w.,−-])(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?)(%?)(?![\w.]|,\d)")     # 10,000 is one number
 
 
 def tables(text):
@@ -83,7 +83,7 @@ def cited_rows():
                 paths = sorted(set(RECORD.findall(" ".join(row))))
                 if not paths:
                     continue
-                numbers = [(name, m.group(1), bool(m.group(2)))
+                numbers = [(name, m.group(1).replace(",", ""), bool(m.group(2)))
                            for name, cell in zip(header, row) if RESULT_COLUMN.match(name)
                            for m in NUMBER.finditer(re.sub(r"\(.*?\)|`.*?`|records/\S+", "", cell))]
                 timing = " ".join(c for name, c in zip(header, row) if re.search(r"time|machine", name, re.I))
@@ -188,6 +188,7 @@ def test_the_check_catches_a_changed_number():
     assert not backed("86.18", False, values) and not backed("97.9", True, values) and not backed("23", False, values)
     header, rows = next(tables("| model | ours | record |\n| --- | --- | --- |\n| VAE | **86.18 ± 0.19** | x |\n"))
     assert [m.group(1) for m in NUMBER.finditer(rows[0][1])] == ["86.18", "0.19"]
+    assert [m.group(1) for m in NUMBER.finditer("10,000 digits, K = 1000, 60.25 / 42.73")] == ["10,000", "1000", "60.25", "42.73"]
 
 
 def test_a_resumed_runs_time_is_the_sum_of_its_processes():
