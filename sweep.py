@@ -204,8 +204,10 @@ def summary(run_dirs):
 
 def write_records(run_dirs, folder):
     """The records of a published number: each run's metrics.json made small, named by its seed,
-    and the summary over them, run folders named by those files (no machine's paths)."""
+    and the summary over them, its runs named by those files (each record keeps its own command
+    line and out_dir, as it ran)."""
     folder = Path(folder)
+    ends = [runs.end_metrics(r) for r in run_dirs]          # a folder without a report: refused first
     records = [runs.record(runs.read_json(Path(r) / "metrics.json")) for r in run_dirs]
     names = [f"seed{r['config']['seed']}.json" if "config" in r else "run.json" for r in records]
     if len(set(names)) < len(names):
@@ -214,7 +216,7 @@ def write_records(run_dirs, folder):
     folder.mkdir(parents=True, exist_ok=True)
     for rec, name in zip(records, names):
         runs.save_json(rec, folder / name)
-    table = runs.summarize([runs.end_metrics(r) for r in run_dirs], names)
+    table = runs.summarize(ends, names)
     runs.save_json({"runs": names, "metrics": table}, folder / "summary.json")
     return table
 
