@@ -207,8 +207,8 @@ def write_records(run_dirs, folder):
     and the summary over them, its runs named by those files (each record keeps its own command
     line and out_dir, as it ran)."""
     folder = Path(folder)
-    ends = [runs.end_metrics(r) for r in run_dirs]          # a folder without a report: refused first
     records = [runs.record(runs.read_json(Path(r) / "metrics.json")) for r in run_dirs]
+    ends = [runs.end_metrics_of(rec, r) for rec, r in zip(records, run_dirs)]   # no report: refused, nothing written
     names = [f"seed{r['config']['seed']}.json" if "config" in r else "run.json" for r in records]
     if len(set(names)) < len(names):
         raise UsageError(f"--records: two of these runs have the same seed ({', '.join(names)}); "
