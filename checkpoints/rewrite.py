@@ -28,8 +28,12 @@ def rewrite(paths):
         print(f"{path}: format {runs.CHECKPOINT_FORMAT}")
 
 
-if __name__ == "__main__":
+def cli(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="checkpoints (.pt) written by main.py")
     with runs.one_line_errors():
-        rewrite(parser.parse_args().paths)
+        rewrite(parser.parse_args(argv).paths)
+
+
+if __name__ == "__main__":
+    cli()

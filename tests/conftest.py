@@ -3,6 +3,7 @@ no real data needed), models whose answers are known, a 1-d toy model small enou
 and main.py run in this process."""
 import contextlib
 import math
+import shutil
 import struct
 import sys
 from pathlib import Path
@@ -15,6 +16,22 @@ from torch.distributions import Bernoulli, Normal
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """The system Chromium, headless, driven through Playwright (its own browser download is not
+    needed); one launch for every page test of the session."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("no chromium found: apt-get install -y chromium")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    args = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=path, args=args)
+        yield browser
+        browser.close()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,23 +1,21 @@
 """Bits-back coding (bbans.py): the bucket maths against torch.distributions, round trips bit for
 bit on a tiny random VAE, code lengths against the distributions' own log-probabilities, and the
 command line with its refusals of bad input. CPU only, a few seconds."""
+import dataclasses
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, main_in_process, refused
+from conftest import main_in_process, refused
 
 import bbans
 import losses
 import main
-import runs
-import dataclasses
 import models
+import runs
 
 N_IMAGES = 6
 
@@ -132,11 +130,12 @@ def test_compress_then_decompress_through_the_command_line(tiny_mnist, tmp_path,
     assert set(report["baselines_bits_per_dim"]) == {"raw_packbits", "gzip", "bz2", "lzma", "png_per_image", "png_grid"}
     assert report["baselines_bits_per_dim"]["raw_packbits"] == 1.0
     assert "BB-ANS" in out and "bits/dim" in out
-    # a separate process reads only the file and the checkpoint
-    result = subprocess.run([sys.executable, str(ROOT / "main.py"), "--decompress", run_dir / "test.bbans",
-                             "--checkpoint", ckpt, "--out-dir", tmp_path / "out2"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    # decompression reads only the file and the checkpoint (no --data-dir; run from another folder)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        code, _, err = main_in_process(capsys, "--decompress", run_dir / "test.bbans", "--checkpoint", ckpt,
+                                       "--out-dir", tmp_path / "out2")
+    assert code == 0, err
     decoded = np.load(next((tmp_path / "out2").glob("bbans-decompress-*")) / "decoded.npy")
     assert np.array_equal(decoded, bbans.binarized_test_set(tiny_mnist).view(-1, 28, 28).numpy().astype(np.uint8))
 

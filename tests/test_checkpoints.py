@@ -7,8 +7,8 @@ nothing that --eval reads.
 """
 import dataclasses
 import hashlib
+import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import PurePosixPath, PureWindowsPath
 
@@ -26,6 +26,10 @@ RECORDED = json.loads((ROOT / "checkpoints" / "weights.json").read_text())
 # machine's settings and the mode flags of the time, and from before --conv-channels existed
 FORMAT_1 = ROOT / "tests" / "fixtures" / "vae-conv-binarized-format1.pt"
 CPU = torch.device("cpu")
+# checkpoints/rewrite.py, its command line called in this process
+_spec = importlib.util.spec_from_file_location("rewrite", ROOT / "checkpoints" / "rewrite.py")
+REWRITE = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(REWRITE)
 
 
 def tensor_digest(t):
@@ -99,14 +103,15 @@ def test_the_format_1_file_and_the_shipped_one_are_the_same_model(tmp_path):
     assert all(torch.equal(rewritten["model"][k], new["model"][k]) for k in new["model"])
 
 
-def test_rewrite_refuses_a_bad_file_before_writing_any(tmp_path):
+def test_rewrite_refuses_a_bad_file_before_writing_any(tmp_path, capsys):
     good = tmp_path / "good.pt"
     good.write_bytes(FORMAT_1.read_bytes())
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    result = subprocess.run([sys.executable, ROOT / "checkpoints" / "rewrite.py", good, tmp_path / "bad.pt"],
-                            capture_output=True, text=True)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "bad.pt is not a usable checkpoint" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as exit:
+        REWRITE.cli([str(good), str(tmp_path / "bad.pt")])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "bad.pt is not a usable checkpoint" in err and "Traceback" not in err
     assert good.read_bytes() == FORMAT_1.read_bytes()
 
 

@@ -3,7 +3,6 @@ system Chromium, axe-core's accessibility rules, a phone's viewport. The pages a
 tiny untrained models (tests/test_explorer.py's); what is checked is the page's behaviour."""
 import itertools
 import re
-import shutil
 
 import numpy as np
 import pytest
@@ -12,9 +11,7 @@ import torch
 import explorer
 from test_explorer import tiny_model, write_page
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+pytest.importorskip("playwright.sync_api", reason="pip install playwright")
 # The 784 pixel means a canvas shows, read back at the centre of each of its 28 x 28 cells.
 READ_CANVAS = """([id, x0, size]) => {
   const c = document.getElementById(id), s = size / 28, d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
@@ -26,17 +23,6 @@ READ_CANVAS = """([id, x0, size]) => {
   return out;
 }"""
 TWO_FRAMES = "new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        pytest.skip("no chromium found: apt-get install -y chromium")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

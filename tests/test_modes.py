@@ -102,16 +102,17 @@ def test_checkpoints_store_hyperparameters_not_modes(tiny_mnist, tmp_path, capsy
     assert not set(config) & {f.name for f in dataclasses.fields(main.Mode)}
 
 
-def test_an_old_checkpoint_with_mode_flags_in_its_config_still_evaluates(tmp_path, capsys, monkeypatch):
+def test_an_old_checkpoint_with_mode_flags_in_its_config_still_evaluates(tiny_mnist, tmp_path, capsys, monkeypatch):
     """Checkpoints of format 1 were written when eval, resume, ... were Config fields."""
     old = ROOT / "tests" / "fixtures" / "vae-conv-binarized-format1.pt"
     ckpt = torch.load(old, weights_only=True)
     assert {"eval", "resume"} <= set(ckpt["config"])
     monkeypatch.setattr(viz, "draw_run", lambda *args, **kwargs: None)
     monkeypatch.setattr(main, "write_page", lambda *args, **kwargs: None)
-    code, _, err = main_in_process(capsys, "--eval", old, "--max-batches", 1, "--iw-samples", 0, "--out-dir", tmp_path)
+    code, _, err = main_in_process(capsys, "--eval", old, "--max-batches", 1, "--iw-samples", 0,
+                                   "--data-dir", tiny_mnist, "--out-dir", tmp_path / "out")
     assert code == 0, err
-    (run_dir,) = tmp_path.iterdir()
+    (run_dir,) = (tmp_path / "out").iterdir()
     assert runs.read_json(run_dir / "metrics.json")["eval"]["test_neg_elbo"] > 0
 
 
