@@ -192,27 +192,39 @@ def write_metrics(run_dir, config, net, history, provenance=None, **extra):
 # ------------------------------------------------------------------------------------------------
 # Several runs of one command: the numbers each reports at its end, their mean ± std
 # ------------------------------------------------------------------------------------------------
-def end_metrics(run_dir):
-    """{name: number} that a run folder's metrics.json reports at its end (end_metrics_of)."""
-    path = Path(run_dir) / "metrics.json"
+def metrics_path(run):
+    """A run folder's metrics.json, or a record (a metrics.json file itself, made small by record)."""
+    run = Path(run)
+    path = run if run.suffix == ".json" else run / "metrics.json"
     if not path.is_file():
-        raise UsageError(f"{run_dir}: no metrics.json with a final report there (a run of main.py that finished writes one)")
-    return end_metrics_of(read_json(path), run_dir)
+        raise UsageError(f"{run}: no metrics.json with a final report there (a run of main.py that finished writes one)")
+    return path
+
+
+def end_metrics(run):
+    """{name: number} that a run folder's metrics.json, or a record, reports at its end (end_metrics_of)."""
+    return end_metrics_of(read_json(metrics_path(run)), run)
+
+
+# What a report holds beside its results: the published numbers it quotes beside its own, and how it ran
+ANCHORS = ("pyro_nn", "pyro_cvae", "deep_svdd_per_digit", "anchor_means")
+NOT_RESULTS = ("config", "provenance", "model_args", "test_images", "iw_samples", "n_chains", "chain_steps",
+               "fit_steps", "fit_lr", "latent_bits", "torch_threads", "load_average_1min", *ANCHORS)
 
 
 def end_metrics_of(record, where="this record"):
     """{name: number} that a metrics.json reports at its end: the `final` report of a training run,
     the `eval` of an --eval run, the AUROCs of a --one-class run, or the report of another mode
-    (--compress, --impute: its numbers but the configuration and provenance); nested names joined
+    (--compress, --impute: its results, not its settings nor the anchors it quotes); nested names joined
     with dots (sample_accuracy.overall), lists (per latent dimension) left out."""
     for key in ("final", "eval"):
         if isinstance(record.get(key), dict):
-            return scalars(record[key])
+            return scalars({k: v for k, v in record[key].items() if k not in NOT_RESULTS})
     if record.get("mean_auroc") and record.get("per_digit"):
         return scalars({"mean_auroc": record["mean_auroc"],
                         "per_digit": {d: {"auroc": r["auroc"]} for d, r in record["per_digit"].items()}})
     if "provenance" in record and "epochs" not in record:
-        return scalars({k: v for k, v in record.items() if k not in ("config", "provenance", "model_args")})
+        return scalars({k: v for k, v in record.items() if k not in NOT_RESULTS})
     raise UsageError(f"{where}: no metrics.json with a final report there (a run of main.py that finished writes one)")
 
 

@@ -47,7 +47,7 @@ def make_parser():
     parser.add_argument("--cpus-per-task", type=int, default=1, help="slurm: cores per run, and its threads "
                                                                      "(default: 1)")
     parser.add_argument("--gpus-per-task", type=int, default=0, help="slurm: GPUs per run (default: 0)")
-    parser.add_argument("--summarize", nargs="+", metavar="RUN_DIR", help="summarise these run folders; run nothing")
+    parser.add_argument("--summarize", nargs="+", metavar="RUN_DIR", help="summarise these run folders (or metrics.json files: records); run nothing")
     parser.add_argument("--records-table", nargs="+", metavar="RECORD", help="print the machines behind these "
                                                                               "records as a markdown table; run nothing")
     parser.add_argument("--records", metavar="DIR", help="with --summarize: write each run's metrics.json, "
@@ -207,7 +207,7 @@ def write_records(run_dirs, folder):
     and the summary over them, its runs named by those files (each record keeps its own command
     line and out_dir, as it ran)."""
     folder = Path(folder)
-    records = [runs.record(runs.read_json(Path(r) / "metrics.json")) for r in run_dirs]
+    records = [runs.record(runs.read_json(runs.metrics_path(r))) for r in run_dirs]
     ends = [runs.end_metrics_of(rec, r) for rec, r in zip(records, run_dirs)]   # no report: refused, nothing written
     names = [f"seed{r['config']['seed']}.json" if "config" in r else "run.json" for r in records]
     if len(set(names)) < len(names):
@@ -224,22 +224,31 @@ def write_records(run_dirs, folder):
 def records_table(paths, root="."):
     """A markdown table of the machines behind records (paths relative to root, one row per run
     record): CPU, threads, load, torch, commit, start and wall time (over all the processes of a
-    resumed run), read from each record's provenance; a resumed run shows its last process's."""
+    resumed run), read from each record's provenance; a resumed run shows its last process's, and
+    the thread counts of all its processes. A summary.json among the paths is passed over; a file
+    that is neither a summary nor a record with its provenance is refused in one line."""
     lines = ["| record | device | threads | load at end | torch | commit | last started (UTC) | wall time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for path in sorted(Path(p) for p in paths):
+        if not (Path(root) / path).is_file():
+            raise UsageError(f"{path}: no such file; give the records' metrics.json files: records/*/*.json")
         record = runs.read_json(Path(root) / path)
-        p = record.get("provenance")
-        if not p:
+        if {"runs", "metrics"} <= set(record) and "provenance" not in record:
             continue
-        seconds, processes = runs.run_seconds(record)
-        cpu = p.get("cpu") or {}
-        device = p["device_name"] + (f" (family {cpu['cpu family']}, model {cpu['model']}; "
-                                     f"{', '.join(cpu['features'])})" if cpu.get("cpu family") else "")
-        load = "" if not p.get("load_average") else f"{p['load_average'][0]:.1f}"
-        lines.append(f"| `{path.as_posix()}` | {device} | {p['threads']} | {load} | {p['torch']} | "
-                     f"{p['commit'][:7]} | {p['started_utc'][:16].replace('T', ' ')} | {minutes(seconds)}"
-                     + (f" in {processes} processes (resumed)" if processes > 1 else "") + " |")
+        try:
+            p = record["provenance"]
+            seconds, processes = runs.run_seconds(record)
+            threads = sorted({q["threads"] for q in [p, *record.get("earlier_provenance", [])]})
+            cpu = p.get("cpu") or {}
+            device = p["device_name"] + (f" (family {cpu['cpu family']}, model {cpu['model']}; "
+                                         f"{', '.join(cpu['features'])})" if cpu.get("cpu family") else "")
+            load = "" if not p.get("load_average") else f"{p['load_average'][0]:.1f}"
+            lines.append(f"| `{path.as_posix()}` | {device} | {', '.join(map(str, threads))} | {load} | {p['torch']} | "
+                         f"{p['commit'][:7]} | {p['started_utc'][:16].replace('T', ' ')} | {minutes(seconds)}"
+                         + (f" in {processes} processes (resumed)" if processes > 1 else "") + " |")
+        except (KeyError, TypeError, IndexError) as err:
+            raise UsageError(f"{path}: not a record with its provenance (no {err}); records are written by "
+                             "python sweep.py --summarize RUN... --records DIR") from None
     return "\n".join(lines)
 
 

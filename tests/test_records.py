@@ -43,10 +43,11 @@ def cells(line):
 
 
 def record_values(path):
-    """Every number a record holds, but its provenance and per-epoch rows: a run's report and
-    configuration, or a summary's means, standard deviations and values."""
+    """Every number a record holds but its provenance, its per-epoch rows and the published numbers
+    a report quotes beside its own (runs.ANCHORS): a run's report, settings and configuration, or a
+    summary's means, standard deviations and values with those of the seed records it names."""
     data = runs.read_json(path)
-    data = {k: v for k, v in data.items() if k not in ("provenance", "epochs", "earlier_provenance")}
+    skip = ("provenance", "epochs", "earlier_provenance", *runs.ANCHORS)
     found = []
 
     def walk(x):
@@ -58,7 +59,9 @@ def record_values(path):
                 walk(v)
         elif isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
             found.append(x)
-    walk(data)
+    walk({k: v for k, v in data.items() if k not in skip})
+    if path.name == "summary.json":
+        found += [v for name in data["runs"] for v in record_values(path.parent / name)]
     return found
 
 

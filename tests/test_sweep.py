@@ -133,6 +133,12 @@ def test_a_rerun_skips_finished_seeds_and_the_summary_is_mean_and_sample_std(tin
         assert rec["epochs"][-1] == {k: round(whole["epochs"][-1][k], 3) for k in runs.EPOCH_FIELDS}
     code, _, err = sweep_in_process(capsys, "--summarize", runs_before[0], runs_before[0], "--records", tmp_path / "r2")
     assert code == 2 and "two of these runs have the same seed" in err and not (tmp_path / "r2").exists()
+    # a record stands in for a run folder that is gone: the same records and summary
+    code, _, err = sweep_in_process(capsys, "--summarize", tmp_path / "records" / "seed1.json", *runs_before[1:],
+                                    "--records", tmp_path / "r3")
+    assert code == 0, err
+    assert all((tmp_path / "r3" / name).read_bytes() == (tmp_path / "records" / name).read_bytes()
+               for name in ("seed1.json", "seed2.json", "seed3.json", "summary.json"))
 
 
 @contextlib.contextmanager
@@ -224,6 +230,29 @@ def test_the_summary_of_one_class_and_eval_records():
     assert table["a"] == {"mean": 2.5, "std": pytest.approx(np.std([1, 4], ddof=1)), "n": 2, "values": [1.0, 4.0],
                           "runs": ["r1", "r2"]}
     assert table["b"] == {"mean": 2, "std": None, "n": 1, "values": [2], "runs": ["r1"]}
+    # a report's settings and the published numbers it quotes are not its results
+    impute = {"provenance": {}, "config": {"seed": 1}, "iw_samples": 1000, "n_chains": 20, "neg_log_px": 86.3,
+              "neg_cond_log_lik": {"1_quadrants": 60.2}, "pyro_cvae": {"1": 71.8}}
+    assert runs.end_metrics_of(impute) == {"neg_log_px": 86.3, "neg_cond_log_lik.1_quadrants": 60.2}
+    assert runs.end_metrics_of({"final": {"epoch": 3, "iw_samples": 5000, "test_nll": 86.4}}) == {"epoch": 3,
+                                                                                                  "test_nll": 86.4}
+
+
+def test_the_machines_table_passes_over_a_summary_and_refuses_what_is_no_record(tmp_path, capsys):
+    """--records-table: a record's row shows the threads of every process of a resumed run; a file
+    that is not a record gets one line and exit code 2."""
+    prov = {"device_name": "Some CPU", "threads": 1, "torch": "2.x", "commit": "a" * 40, "wall_seconds": 60.0,
+            "started_utc": "2026-12-05T10:00:00+00:00", "load_average": [1.5, 1.0, 0.5]}
+    (tmp_path / "seed1.json").write_text(json.dumps({"provenance": prov, "earlier_provenance": [
+        {**prov, "threads": 2, "wall_seconds": 30.0}]}))
+    (tmp_path / "summary.json").write_text(json.dumps({"runs": ["seed1.json"], "metrics": {}}))
+    (tmp_path / "other.json").write_text(json.dumps({"final": {"test_nll": 1.0}}))
+    table = sweep.records_table(["seed1.json", "summary.json"], root=tmp_path)
+    assert table.splitlines()[2:] == ["| `seed1.json` | Some CPU | 1, 2 | 1.5 | 2.x | aaaaaaa | 2026-12-05 10:00 | "
+                                      "90 s in 2 processes (resumed) |"]
+    for bad, message in (("other.json", "not a record with its provenance"), ("gone.json", "no such file")):
+        code, _, err = sweep_in_process(capsys, "--records-table", tmp_path / bad)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_the_documents_sweep_commands_pass_the_sweeps_checks(monkeypatch):
