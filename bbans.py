@@ -36,8 +36,6 @@ import io
 import json
 import lzma
 import math
-import os
-import platform
 import struct
 import time
 import zlib
@@ -261,15 +259,6 @@ def baseline_sizes(x_bits):
             "png_per_image": sum(png_bytes(image) for image in images), "png_grid": png_bytes(grid)}
 
 
-def cpu_name():
-    """The CPU's model name, printed beside every timing."""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:      # Linux on x86 (ARM lists no name)
-        name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-        if name:
-            return name
-    return platform.processor() or platform.machine()
-
-
 # ------------------------------------------------------------------------------------------------
 # The two commands: python main.py --compress CKPT  and  --decompress FILE --checkpoint CKPT
 # (main.py reads the flags and the checkpoint and calls these)
@@ -286,7 +275,7 @@ def compress_command(checkpoint, net, x_test, neg_elbo_nats, run_dir):
     nats per image) and the baselines to metrics.json."""
     x_bits = x_test.view(len(x_test), -1).numpy().astype(np.uint8)
     print(f"compressing {len(x_bits)} binarized test images with {checkpoint}: writing {run_dir}")
-    load = os.getloadavg()[0]
+    load = (runs.load_average() or [None])[0]
     start = time.perf_counter()
     words, lengths = encode(net, x_bits)
     write_file(run_dir / "test.bbans", words, len(x_bits), net, x_bits)
@@ -297,7 +286,7 @@ def compress_command(checkpoint, net, x_test, neg_elbo_nats, run_dir):
     seconds["decode_seconds"] = time.perf_counter() - start
     report = {"checkpoint": str(checkpoint), "n_images": len(x_bits), "bit_for_bit": True,
               **rates(run_dir / "test.bbans", x_bits, lengths, net.latent_dim), "neg_elbo_nats": neg_elbo_nats,
-              **seconds, "cpu": cpu_name(), "load_average_1min": load, "torch_threads": 1,
+              **seconds, "cpu": runs.device_name(torch.device("cpu")), "load_average_1min": load, "torch_threads": 1,
               "torch": torch.__version__, "constriction": version("constriction"), "latent_bits": LATENT_BITS}
     report["neg_elbo_bits_per_dim"] = losses.bits_per_dim(report["neg_elbo_nats"])
     report["above_neg_elbo"] = report["bits_per_dim"] / report["neg_elbo_bits_per_dim"] - 1
@@ -332,9 +321,9 @@ def write_decompressed(compressed, checkpoint, x_bits, seconds, run_dir):
             np.save(f, x_bits.reshape(-1, 28, 28))
     runs.save_atomic(save, run_dir / "decoded.npy")
     report = {"compressed": str(compressed), "checkpoint": str(checkpoint), "n_images": len(x_bits),
-              "decode_seconds": seconds, "cpu": cpu_name(), "images_hash_matches": True}
+              "decode_seconds": seconds, "cpu": runs.device_name(torch.device("cpu")), "images_hash_matches": True}
     runs.save_json(report, run_dir / "metrics.json")
-    print(f"decoded {len(x_bits)} images in {seconds:.1f} s ({cpu_name()}), matching the file's hash: {run_dir}")
+    print(f"decoded {len(x_bits)} images in {seconds:.1f} s ({report['cpu']}), matching the file's hash: {run_dir}")
 
 
 def print_report(r):
@@ -346,4 +335,4 @@ def print_report(r):
           f"+ header {r['header_bytes']} bytes + the coder's final head")
     print("  baselines: " + ", ".join(f"{k} {v:.4f}" for k, v in r["baselines_bits_per_dim"].items()) + " bits/dim")
     print(f"  encode {r['encode_seconds']:.1f} s, decode {r['decode_seconds']:.1f} s, bit for bit ({r['cpu']}, "
-          f"one thread, load average {r['load_average_1min']:.1f} at the start)")
+          f"one thread, load average {r['load_average_1min']} at the start)")

@@ -50,7 +50,7 @@ def benchmark(argv=None):
     labels = torch.zeros(len(x_test), dtype=torch.long)                 # the VAE reads none
     neg_elbo = losses.bits_per_dim(main.evaluate(net, x_test, labels, ckpt["config"]["seed"])[0]["test_neg_elbo"])
     print(f"{args.checkpoint}, first {len(x_bits)} test images: -ELBO {neg_elbo:.4f} bits/dim; "
-          f"{bbans.cpu_name()}, one thread")
+          f"{runs.device_name(torch.device('cpu'))}, one thread")
     print("| buckets per latent dim | bits/dim without clean bits | with clean bits | vs -ELBO | encode s | decode s |")
     print("| --- | --- | --- | --- | --- | --- |")
     for b in args.latent_bits:

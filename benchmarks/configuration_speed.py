@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data      # noqa: E402
 import main      # noqa: E402
 import runs      # noqa: E402
-from bbans import cpu_name    # noqa: E402
 
 # The training flags of each row's recipe (configs/); evaluation flags change no epoch.
 ROWS = {
@@ -57,8 +56,8 @@ def benchmark():
     device = runs.pick_device(args.device)
     train_set, _ = data.load_mnist(data.data_path(main.Config().data_dir), device)
     train_set, _ = data.split_validation(train_set, main.Config().val_size)     # 50,000 images, as main.py
-    print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, device {device}; "
-          f"an epoch = {len(train_set[0])} images, batch 128")
+    print(f"{runs.device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"device {device}; an epoch = {len(train_set[0])} images, batch 128")
     for name, argv in ROWS.items():
         times = [seconds_per_epoch(argv, train_set, args.batches, device) for _ in range(args.repeats)]
         print(f"{name:50s} {statistics.median(times):7.2f} s per epoch (min {min(times):.2f}, max {max(times):.2f})")

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import bbans        # noqa: E402
 import data         # noqa: E402
 import imputation   # noqa: E402
 import losses       # noqa: E402
@@ -56,7 +55,7 @@ def benchmark(argv=None):
     with torch.no_grad(), data.seeded(x.device, args.seed):
         log_px = losses.iw_log_px(x, net.encode, net.decode, 5000)
     print(f"{args.checkpoint}, first {len(x)} binarized test digits: −log p(x) {-log_px.mean():.2f} (K = 5000); "
-          f"{bbans.cpu_name()}, one thread")
+          f"{runs.device_name(torch.device('cpu'))}, one thread")
     print("| proposal for log p(x_o) | K | 1 quadrant | 2 | 3 | seconds |")
     print("| --- | --- | --- | --- | --- | --- |")
     for n_chains, steps, fit_steps, k in ROWS:
