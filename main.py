@@ -142,7 +142,7 @@ def train(kind, cfg, device, sets, resumed=None):
         print("no validation set (--val-size 0): the final report is on the last epoch")
     train_set, val_set, test_set = sets
     with runs.writer_lock(run_dir):
-        with runs.stopping_cleanly(run_dir):
+        with runs.stopping_cleanly(run_dir, execution_flags(cfg)):
             for epoch in range(first, cfg.epochs + 1):
                 if stop_early(history, cfg.patience):
                     print(f"early stop: no better validation ELBO in the last {cfg.patience} epochs")
@@ -170,6 +170,15 @@ def train(kind, cfg, device, sets, resumed=None):
         viz.draw_run(net, *test_set, history, report, neg_elbo, run_dir, cfg.seed)
         write_page(net, test_set, report, run_dir, cfg.seed)
     return run_dir
+
+
+def execution_flags(cfg):
+    """The execution settings of cfg that differ from their defaults, as flags (out_dir aside): a
+    resumed run takes these from its own command line, never from the checkpoint, so the command
+    that continues a stopped run repeats them (a recipe's --iw-samples 5000, say)."""
+    default = Config()
+    return [part for name in sorted(EXECUTION - {"out_dir"}) if getattr(cfg, name) != getattr(default, name)
+            for part in (f"--{name.replace('_', '-')}", str(getattr(cfg, name)))]
 
 
 def hyperparameters(config):

@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import platform
+import shlex
 import signal
 import socket
 import statistics
@@ -511,14 +512,16 @@ def pick_device(name, precision="fp32"):
 
 
 @contextlib.contextmanager
-def stopping_cleanly(run_dir):
+def stopping_cleanly(run_dir, flags=()):
     """Ctrl-C, `kill` or a diverged step inside: stop with one line that says what the run folder
-    holds on disk and how to continue; the finished epochs' checkpoints stay."""
+    holds on disk and how to continue (with `flags`, the settings --resume must be given again);
+    the finished epochs' checkpoints stay."""
     try:
         yield
     except KeyboardInterrupt:
         saved = (run_dir / "checkpoint.pt").is_file()
-        hint = f"; continue with: python main.py --resume {run_dir / 'checkpoint.pt'}" if saved else ""
+        command = shlex.join(["python", "main.py", "--resume", str(run_dir / "checkpoint.pt"), *flags])
+        hint = f"; continue with: {command}" if saved else ""
         raise Interrupted(f"interrupted: {last_good(run_dir)}{hint}") from None
     except Diverged as err:
         raise Diverged(f"{err}; {last_good(run_dir)}") from None
