@@ -334,5 +334,6 @@ def print_report(r):
           f"{r['bits_back_bits_per_dim']:.4f} + clean bits {r['clean_bits_per_dim']:.6f} ({r['clean_bits']} bits) "
           f"+ header {r['header_bytes']} bytes + the coder's final head")
     print("  baselines: " + ", ".join(f"{k} {v:.4f}" for k, v in r["baselines_bits_per_dim"].items()) + " bits/dim")
+    load = "unknown" if r["load_average_1min"] is None else f"{r['load_average_1min']:.1f}"
     print(f"  encode {r['encode_seconds']:.1f} s, decode {r['decode_seconds']:.1f} s, bit for bit ({r['cpu']}, "
-          f"one thread, load average {r['load_average_1min']} at the start)")
+          f"one thread, load average {load} at the start)")

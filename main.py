@@ -142,7 +142,7 @@ def train(kind, cfg, device, sets, resumed=None):
         print("no validation set (--val-size 0): the final report is on the last epoch")
     train_set, val_set, test_set = sets
     with runs.writer_lock(run_dir):
-        with runs.stopping_cleanly(run_dir, execution_flags(cfg)):
+        with runs.stopping_cleanly(run_dir, resume_flags(cfg, resumed)):
             for epoch in range(first, cfg.epochs + 1):
                 if stop_early(history, cfg.patience):
                     print(f"early stop: no better validation ELBO in the last {cfg.patience} epochs")
@@ -172,13 +172,16 @@ def train(kind, cfg, device, sets, resumed=None):
     return run_dir
 
 
-def execution_flags(cfg):
-    """The execution settings of cfg that differ from their defaults, as flags (out_dir aside): a
-    resumed run takes these from its own command line, never from the checkpoint, so the command
-    that continues a stopped run repeats them (a recipe's --iw-samples 5000, say)."""
+def resume_flags(cfg, resumed=None):
+    """The flags the command that continues a stopped run must repeat: the execution settings that
+    differ from their defaults (out_dir aside; --resume takes them from its own command line, never
+    from the checkpoint: a recipe's --iw-samples 5000, say), and for a resumed run the --epochs and
+    --patience it was given, which its checkpoint.pt holds only once an epoch of it has ended."""
     default = Config()
-    return [part for name in sorted(EXECUTION - {"out_dir"}) if getattr(cfg, name) != getattr(default, name)
-            for part in (f"--{name.replace('_', '-')}", str(getattr(cfg, name)))]
+    names = [n for n in sorted(EXECUTION - {"out_dir"}) if getattr(cfg, n) != getattr(default, n)]
+    if resumed:
+        names += [n for n in ("epochs", "patience") if getattr(cfg, n) != resumed.checkpoint["config"].get(n)]
+    return [part for n in names for part in (f"--{n.replace('_', '-')}", str(getattr(cfg, n)))]
 
 
 def hyperparameters(config):

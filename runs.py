@@ -198,7 +198,8 @@ def metrics_path(run):
     run = Path(run)
     path = run if run.suffix == ".json" else run / "metrics.json"
     if not path.is_file():
-        raise UsageError(f"{run}: no metrics.json with a final report there (a run of main.py that finished writes one)")
+        raise UsageError(f"{run}: no such record" if run.suffix == ".json" else
+                         f"{run}: no metrics.json with a final report there (a run of main.py that finished writes one)")
     return path
 
 
@@ -209,8 +210,8 @@ def end_metrics(run):
 
 # What a report holds beside its results: the published numbers it quotes beside its own, and how it ran
 ANCHORS = ("pyro_nn", "pyro_cvae", "deep_svdd_per_digit", "anchor_means")
-NOT_RESULTS = ("config", "provenance", "model_args", "test_images", "iw_samples", "n_chains", "chain_steps",
-               "fit_steps", "fit_lr", "latent_bits", "torch_threads", "load_average_1min", *ANCHORS)
+NOT_RESULTS = ("config", "provenance", "model_args", "test_images", "n_images", "iw_samples", "n_chains",
+               "chain_steps", "fit_steps", "fit_lr", "latent_bits", "torch_threads", "load_average_1min", *ANCHORS)
 
 
 def end_metrics_of(record, where="this record"):

@@ -1,5 +1,5 @@
 """One main.py command over several seeds: in parallel on this machine, or as one Slurm job array
-submitted through submitit; then the mean ± standard deviation of every number the runs report.
+submitted through submitit; then the mean ± standard deviation of every result the runs report.
 
     python sweep.py @configs/binarized-vae.args --val-size 10000 --seeds 1,2,3 --out-dir sweeps
     python sweep.py @configs/binarized-vae.args --seeds 1,2,3 --launcher slurm --partition gpu \\
@@ -47,7 +47,8 @@ def make_parser():
     parser.add_argument("--cpus-per-task", type=int, default=1, help="slurm: cores per run, and its threads "
                                                                      "(default: 1)")
     parser.add_argument("--gpus-per-task", type=int, default=0, help="slurm: GPUs per run (default: 0)")
-    parser.add_argument("--summarize", nargs="+", metavar="RUN_DIR", help="summarise these run folders (or metrics.json files: records); run nothing")
+    parser.add_argument("--summarize", nargs="+", metavar="RUN_DIR", help="summarise these run folders (or "
+                                                                          "records: metrics.json files); run nothing")
     parser.add_argument("--records-table", nargs="+", metavar="RECORD", help="print the machines behind these "
                                                                               "records as a markdown table; run nothing")
     parser.add_argument("--records", metavar="DIR", help="with --summarize: write each run's metrics.json, "
@@ -308,7 +309,7 @@ def cli(argv=None):
             return 0
         if opts.summarize:
             if main_args or opts.seeds:
-                raise UsageError("--summarize takes run folders only: python sweep.py --summarize RUN_DIR...")
+                raise UsageError("--summarize takes run folders or records only: python sweep.py --summarize RUN_DIR...")
             print_table(write_records(opts.summarize, opts.records) if opts.records else summary(opts.summarize))
             return 0
         if opts.records:

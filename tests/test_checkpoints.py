@@ -107,10 +107,10 @@ def test_rewrite_refuses_a_bad_file_before_writing_any(tmp_path, capsys):
     good = tmp_path / "good.pt"
     good.write_bytes(FORMAT_1.read_bytes())
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit) as exit:
+    with pytest.raises(SystemExit) as stopped:
         REWRITE.cli([str(good), str(tmp_path / "bad.pt")])
     err = capsys.readouterr().err
-    assert exit.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert stopped.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert "bad.pt is not a usable checkpoint" in err and "Traceback" not in err
     assert good.read_bytes() == FORMAT_1.read_bytes()
 

@@ -16,11 +16,13 @@ CASES = [("vae", "mlp", 2, "tanh"), ("vae", "conv", 1, "relu"), ("cvae", "mlp", 
 def element_texts(browser, page, hash_, element_ids):
     """The texts of elements of the page opened at page#hash_ once it has loaded: its inline script
     writes #selftest and #decoded before the load event."""
-    tab = browser.new_context().new_page()
-    tab.goto(f"{page.as_uri()}#{hash_}")
-    texts = [tab.text_content(f"#{element_id}") for element_id in element_ids]
-    tab.context.close()
-    return texts
+    context = browser.new_context()
+    try:
+        tab = context.new_page()
+        tab.goto(f"{page.as_uri()}#{hash_}")
+        return [tab.text_content(f"#{element_id}") for element_id in element_ids]
+    finally:
+        context.close()
 
 
 def tiny_model(model, arch, hidden_layers, activation, latent_dim=3):

@@ -2,8 +2,10 @@
 (made small by runs.record, written by `python sweep.py --summarize RUN... --records DIR`). Every row
 of a results table in README.md, RESULTS.md and docs/ that cites a record is read: each number in
 its result columns must be a value of that record, as printed (rounded to the digits shown, a
-percentage from a fraction). A row of a table with a record column cites one or says "no record".
+percentage from a fraction; record_values says which of its numbers count, and a quoted anchor
+never does). A row of a table with a record column cites one or says "no record".
 Changing a number in a document, or in a record, fails here."""
+import json
 import math
 import re
 import statistics
@@ -20,7 +22,8 @@ RECORDS = sorted((ROOT / "records").rglob("*.json"))
 RECORD = re.compile(r"records/[\w./-]+?\.json")
 # the columns whose numbers are results (not anchors, commands, machines or times)
 RESULT_COLUMN = re.compile(r"^(ours|test −ELBO|= recon \+ KL|test NLL|test −log p|bits/dim|samples (judged right|that are)|"
-                           r"active units|best epoch|mean AUROC|AUROC|VAE |per seed|−log p\(x_h|nats|bits|z ~ |reconstructions|a z read|encode|decode)", re.I)
+                           r"active units|best epoch|mean AUROC|AUROC|VAE |per seed|−log p\(x_h|nats|bits|"
+                           r"z ~ |reconstructions|a z read|encode|decode)", re.I)
 NUMBER = re.compile(r"(?<![\w.,−-])(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?)(%?)(?![\w.]|,\d)")     # 10,000 is one number
 
 
@@ -43,9 +46,10 @@ def cells(line):
 
 
 def record_values(path):
-    """Every number a record holds but its provenance, its per-epoch rows and the published numbers
-    a report quotes beside its own (runs.ANCHORS): a run's report, settings and configuration, or a
-    summary's means, standard deviations and values with those of the seed records it names."""
+    """Every number a run's record holds but its provenance, its per-epoch rows and the published
+    numbers a report quotes beside its own (runs.ANCHORS): its report, settings and configuration.
+    For a summary: its means, standard deviations and values, and of each seed record it names the
+    results (runs.end_metrics_of) and the configuration (the 50 of "24 / 50 active units")."""
     data = runs.read_json(path)
     skip = ("provenance", "epochs", "earlier_provenance", *runs.ANCHORS)
     found = []
@@ -59,9 +63,12 @@ def record_values(path):
                 walk(v)
         elif isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
             found.append(x)
-    walk({k: v for k, v in data.items() if k not in skip})
-    if path.name == "summary.json":
-        found += [v for name in data["runs"] for v in record_values(path.parent / name)]
+    if path.name != "summary.json":
+        walk({k: v for k, v in data.items() if k not in skip})
+        return found
+    walk([[s["mean"], s["std"], s["values"]] for s in data["metrics"].values()])
+    for seed in (runs.read_json(path.parent / name) for name in data["runs"]):
+        walk([list(runs.end_metrics_of(seed).values()), seed.get("config", {})])
     return found
 
 
@@ -181,6 +188,20 @@ def test_results_md_lists_the_machines_of_its_records_as_they_recorded_them():
     shipped = [p for p in RECORDS if p.name != "summary.json"]
     table = sweep.records_table([p.relative_to(ROOT) for p in shipped], root=ROOT)
     assert table in text, "RESULTS.md: rebuild the table with python sweep.py --records-table records/*/*.json"
+
+
+def test_an_anchor_quoted_in_a_record_backs_no_number(tmp_path):
+    """A report quotes Deep SVDD's 94.8 beside its own 86.43: only the 86.43 is the record's; as a
+    seed of a summary, the same."""
+    quoted = {"provenance": {}, "config": {"latent_dim": 50}, "final": {"test_nll": 86.43},
+              "deep_svdd_per_digit": {"0": 94.8}, "anchor_means": {"DCAE": 89.7}}
+    (tmp_path / "seed1.json").write_text(json.dumps(quoted))
+    (tmp_path / "summary.json").write_text(json.dumps({"runs": ["seed1.json"], "metrics": {
+        "test_nll": {"mean": 86.43, "std": None, "n": 1, "values": [86.43], "runs": ["seed1.json"]}}}))
+    for path in (tmp_path / "seed1.json", tmp_path / "summary.json"):
+        values = record_values(path)
+        assert backed("86.43", False, values) and backed("50", False, values)
+        assert not backed("94.8", False, values) and not backed("89.7", False, values)
 
 
 def test_the_check_catches_a_changed_number():

@@ -543,9 +543,10 @@ def test_resuming_a_finished_run_keeps_its_final_report(trained_run, tiny_mnist,
         code, _, err = main_in_process(capsys, "--resume", trained_run / "checkpoint.pt", "--epochs", 3,
                                        "--data-dir", tiny_mnist, "--iw-samples", 5)
     assert code == 130, err
-    # the command it prints repeats the settings --resume takes from its command line, not the checkpoint
+    # the command it prints repeats the settings --resume takes from its command line, not the
+    # checkpoint, and the --epochs this resume was given
     assert err.strip().endswith(f"continue with: python main.py --resume {trained_run / 'checkpoint.pt'} "
-                                f"--data-dir {tiny_mnist} --iw-samples 5"), err
+                                f"--data-dir {tiny_mnist} --iw-samples 5 --epochs 3"), err
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert "final" not in metrics                                # the resumed run has not finished
     assert metrics["earlier_finals"] == [{**first, "run_epochs": 1}]     # but the finished one's report stays
