@@ -309,7 +309,8 @@ def cli(argv=None):
             return 0
         if opts.summarize:
             if main_args or opts.seeds:
-                raise UsageError("--summarize takes run folders or records only: python sweep.py --summarize RUN_DIR...")
+                raise UsageError("--summarize takes run folders or records only: "
+                                 "python sweep.py --summarize RUN_DIR...")
             print_table(write_records(opts.summarize, opts.records) if opts.records else summary(opts.summarize))
             return 0
         if opts.records:

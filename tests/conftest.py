@@ -21,7 +21,7 @@ import models  # noqa: E402
 @pytest.fixture(scope="session")
 def browser():
     """The system Chromium, headless, driven through Playwright (its own browser download is not
-    needed); one launch for every page test of the session."""
+    needed), launched once per pytest run and shared by every page test (tests/test_explorer*.py)."""
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
         pytest.skip("no chromium found: apt-get install -y chromium")
