@@ -193,13 +193,15 @@ def write_metrics(run_dir, config, net, history, provenance=None, **extra):
 # ------------------------------------------------------------------------------------------------
 # Several runs of one command: the numbers each reports at its end, their mean ± std
 # ------------------------------------------------------------------------------------------------
+NO_REPORT = "no metrics.json with a final report there (a run of main.py that finished writes one)"
+
+
 def metrics_path(run):
     """A run folder's metrics.json, or a record (a metrics.json file itself, made small by record)."""
     run = Path(run)
     path = run if run.suffix == ".json" else run / "metrics.json"
     if not path.is_file():
-        raise UsageError(f"{run}: no such record" if run.suffix == ".json" else
-                         f"{run}: no metrics.json with a final report there (a run of main.py that finished writes one)")
+        raise UsageError(f"{run}: no such record" if run.suffix == ".json" else f"{run}: {NO_REPORT}")
     return path
 
 
@@ -227,7 +229,7 @@ def end_metrics_of(record, where="this record"):
                         "per_digit": {d: {"auroc": r["auroc"]} for d, r in record["per_digit"].items()}})
     if "provenance" in record and "epochs" not in record:
         return scalars({k: v for k, v in record.items() if k not in NOT_RESULTS})
-    raise UsageError(f"{where}: no metrics.json with a final report there (a run of main.py that finished writes one)")
+    raise UsageError(f"{where}: {NO_REPORT}")
 
 
 EPOCH_FIELDS = ("epoch", "train_neg_elbo", "val_neg_elbo", "train_seconds")

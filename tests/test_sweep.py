@@ -1,14 +1,11 @@
-"""sweep.py: seeds run by the local launcher (main.py in subprocesses) and by a real Slurm (a job
-array through submitit); finished seeds skipped, stopped ones resumed, failures reported, bad input
+"""sweep.py: seeds run by the local launcher (main.py in subprocesses; a real Slurm in
+tests/test_slurm.py); finished seeds skipped, stopped ones resumed, failures reported, bad input
 refused before anything is written, and the summary's mean ± std. Where a process is not the point,
 the runs are main.main in this process, without pictures, to keep the tests fast."""
 import contextlib
 import hashlib
 import json
-import os
 import shlex
-import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -268,35 +265,3 @@ def test_the_documents_sweep_commands_pass_the_sweeps_checks(monkeypatch):
         opts, main_args = sweep.make_parser().parse_known_args(shlex.split(command)[2:])
         sweep.check_sweep(opts, main_args, sweep.parse_seeds(opts.seeds))
 
-
-# ------------------------------------------------------------------------------------------------
-# A real Slurm: .ci/slurm-up starts one on the CI machine, and CI sets SWEEP_REQUIRE_SLURM=1
-# ------------------------------------------------------------------------------------------------
-def slurm_or_skip():
-    if shutil.which("sbatch"):
-        return
-    if os.environ.get("SWEEP_REQUIRE_SLURM"):
-        pytest.fail("SWEEP_REQUIRE_SLURM is set but sbatch is not on the PATH: .ci/slurm-up starts a one-node Slurm")
-    pytest.skip("no Slurm here (sbatch not on the PATH): .ci/slurm-up starts a one-node one (root, Debian)")
-
-
-def test_a_sweep_runs_as_a_slurm_job_array(tiny_mnist, tmp_path):
-    slurm_or_skip()
-    args = tiny(tiny_mnist)
-    done = subprocess.run([sys.executable, str(ROOT / "sweep.py"), *args, "--seeds", "1,2", "--launcher", "slurm",
-                           "--out-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    folder = sweep.sweep_dir(tmp_path, args)
-    assert "submitted Slurm job array" in done.stdout and "2/2 done, 0 failed" in done.stdout
-    run_dirs = finished_runs(folder, (1, 2))
-    jobs = []
-    for seed, run in zip((1, 2), run_dirs):
-        metrics = json.loads((run / "metrics.json").read_text())
-        assert metrics["config"]["seed"] == seed and "final" in metrics
-        provenance = metrics["provenance"]
-        assert provenance["slurm_job_id"] and provenance["slurm_array_task_id"] is not None
-        jobs.append((provenance["slurm_job_id"], provenance["slurm_array_task_id"]))
-    assert len(set(jobs)) == 2 and {str(task) for _, task in jobs} == {"0", "1"}
-    summary = json.loads((folder / "summary.json").read_text())
-    assert summary["runs"] == [str(r) for r in run_dirs] and summary["metrics"]["test_nll"]["n"] == 2
-    assert list((folder / "slurm").glob("*_submission.sh"))
