@@ -193,7 +193,7 @@ def write_metrics(run_dir, config, net, history, provenance=None, **extra):
 # ------------------------------------------------------------------------------------------------
 # Several runs of one command: the numbers each reports at its end, their mean ± std
 # ------------------------------------------------------------------------------------------------
-NO_REPORT = "no metrics.json with a final report there (a run of main.py that finished writes one)"
+NO_REPORT = "no final report (a run of main.py that finished writes one in its metrics.json)"
 
 
 def metrics_path(run):

@@ -1,6 +1,6 @@
 """What several test files share: tiny MNIST-format data written by the tests themselves (no network,
 no real data needed), models whose answers are known, a 1-d toy model small enough to integrate,
-and main.py run in this process."""
+main.py run in this process, and a tiny sweep."""
 import contextlib
 import math
 import shutil
@@ -21,7 +21,8 @@ import models  # noqa: E402
 @pytest.fixture(scope="session")
 def browser():
     """The system Chromium, headless, driven through Playwright (its own browser download is not
-    needed), launched once per pytest run and shared by every page test (tests/test_explorer*.py)."""
+    needed), launched once per test process (each xdist worker is one) and shared by the page tests
+    it runs (tests/test_explorer*.py)."""
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
         pytest.skip("no chromium found: apt-get install -y chromium")
@@ -78,6 +79,32 @@ def make_tiny_mnist(root, n_train=96, n_test=48):
 def tiny_mnist(tmp_path):
     return make_tiny_mnist(tmp_path / "data")
 
+
+
+# A sweep of one-epoch, two-batch runs of a 16-unit MLP VAE (tests/test_sweep.py, tests/test_slurm.py)
+TINY_SWEEP = ["--model", "vae", "--epochs", "1", "--max-batches", "2", "--hidden-dim", "16", "--latent-dim", "2",
+              "--iw-samples", "2", "--val-size", "16"]
+
+
+def tiny_sweep_args(data_dir, *more):
+    return [*TINY_SWEEP, "--data-dir", str(data_dir), *map(str, more)]
+
+
+def sweep_in_process(capsys, *args):
+    """(exit code, stdout, stderr) of sweep.cli(args)."""
+    import sweep
+    try:
+        code = sweep.cli(list(map(str, args)))
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def finished_runs(folder, seeds):
+    """The finished run folder of each seed of a sweep's folder."""
+    import sweep
+    return [sweep.seed_state(folder / f"seed{s}")[1] for s in seeds]
 
 
 @contextlib.contextmanager

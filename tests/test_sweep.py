@@ -1,5 +1,5 @@
-"""sweep.py: seeds run by the local launcher (main.py in subprocesses; a real Slurm in
-tests/test_slurm.py); finished seeds skipped, stopped ones resumed, failures reported, bad input
+"""sweep.py: seeds run by the local launcher (main.py in subprocesses; the Slurm launcher on a real
+Slurm is tests/test_slurm.py's); finished seeds skipped, stopped ones resumed, failures reported, bad input
 refused before anything is written, and the summary's mean ± std. Where a process is not the point,
 the runs are main.main in this process, without pictures, to keep the tests fast."""
 import contextlib
@@ -11,30 +11,12 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, interrupted_in_epoch
+from conftest import ROOT, TINY_SWEEP, finished_runs, interrupted_in_epoch, sweep_in_process, tiny_sweep_args
 
 import main
 import runs
 import sweep
 import viz
-
-TINY = ["--model", "vae", "--epochs", "1", "--max-batches", "2", "--hidden-dim", "16", "--latent-dim", "2",
-        "--iw-samples", "2", "--val-size", "16"]
-
-
-def tiny(data_dir, *more):
-    return [*TINY, "--data-dir", str(data_dir), *map(str, more)]
-
-
-def sweep_in_process(capsys, *args):
-    """(exit code, stdout, stderr) of sweep.cli(args)."""
-    try:
-        code = sweep.cli(list(map(str, args)))
-    except SystemExit as exit:
-        code = exit.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
 
 @pytest.fixture
 def in_process_runs(monkeypatch):
@@ -56,14 +38,10 @@ def in_process_runs(monkeypatch):
     return commands
 
 
-def finished_runs(folder, seeds):
-    return [sweep.seed_state(folder / f"seed{s}")[1] for s in seeds]
-
-
 def test_the_local_launcher_runs_each_seed_and_reports_a_failed_one(tiny_mnist, tmp_path, capsys):
     """main.py in worker subprocesses; seed 2's folder is a file, so its run fails (exit code 2): the
     sweep names its log, keeps seed 1, summarises it and exits with 1."""
-    args = tiny(tiny_mnist)
+    args = tiny_sweep_args(tiny_mnist)
     folder = sweep.sweep_dir(tmp_path, args)
     assert folder == tmp_path / f"sweep-main-{hashlib.sha1(' '.join(args).encode()).hexdigest()[:8]}"
     folder.mkdir(parents=True)
@@ -85,8 +63,8 @@ def test_the_local_launcher_runs_each_seed_and_reports_a_failed_one(tiny_mnist, 
 
 def test_a_rerun_skips_finished_seeds_and_the_summary_is_mean_and_sample_std(tiny_mnist, tmp_path, capsys,
                                                                              in_process_runs):
-    args = ["@" + str(ROOT / "configs" / "d-mlp-vae.args"), *tiny(tiny_mnist), "--seeds", "1,2,3", "--workers", "1",
-            "--out-dir", tmp_path / "sweeps"]
+    args = ["@" + str(ROOT / "configs" / "d-mlp-vae.args"), *tiny_sweep_args(tiny_mnist), "--seeds", "1,2,3",
+            "--workers", "1", "--out-dir", tmp_path / "sweeps"]
     code, out, err = sweep_in_process(capsys, *args)
     assert code == 0, err
     assert len(in_process_runs) == 3 and in_process_runs[0][0] == "@" + str(ROOT / "configs" / "d-mlp-vae.args")
@@ -154,7 +132,7 @@ def test_a_stopped_seed_resumes_from_its_checkpoint_as_if_never_stopped(tiny_mni
     epochs in the final report: the run keeps its last epoch's checkpoint.pt and has no final
     report, the sweep fails it; the same command then resumes it in its folder and ends where an
     uninterrupted run ends."""
-    args = [*tiny(tiny_mnist, "--epochs", 2), "--seeds", "1", "--out-dir", tmp_path / "sweeps"]
+    args = [*tiny_sweep_args(tiny_mnist, "--epochs", 2), "--seeds", "1", "--out-dir", tmp_path / "sweeps"]
     with interrupted_in_epoch(2) if stopped == "in epoch 2" else interrupted_in_the_final_report():
         code, out, _ = sweep_in_process(capsys, *args)
     folder = next((tmp_path / "sweeps").iterdir())
@@ -164,12 +142,12 @@ def test_a_stopped_seed_resumes_from_its_checkpoint_as_if_never_stopped(tiny_mni
     code, out, err = sweep_in_process(capsys, *args)
     assert code == 0, err
     assert f"seed 1: resuming {run / 'checkpoint.pt'}" in out
-    assert in_process_runs[-1] == ["--resume", str(run / "checkpoint.pt"), *tiny(tiny_mnist, "--epochs", 2),
-                                   "--seed", "1"]
+    assert in_process_runs[-1] == ["--resume", str(run / "checkpoint.pt"),
+                                   *tiny_sweep_args(tiny_mnist, "--epochs", 2), "--seed", "1"]
     assert list((folder / "seed1").iterdir()) == [run] and sweep.seed_state(folder / "seed1") == ("finished", run)
     resumed = json.loads((run / "metrics.json").read_text())
     assert [row["epoch"] for row in resumed["epochs"]] == [1, 2]
-    main.main([*tiny(tiny_mnist, "--epochs", 2), "--out-dir", str(tmp_path / "whole")])
+    main.main([*tiny_sweep_args(tiny_mnist, "--epochs", 2), "--out-dir", str(tmp_path / "whole")])
     whole = json.loads((next((tmp_path / "whole").iterdir()) / "metrics.json").read_text())
     assert resumed["final"] == whole["final"]
 
@@ -193,29 +171,29 @@ def test_bad_input_gets_one_line_and_exit_code_2_before_anything_is_written(tmp_
                                                                             message, in_process_runs):
     monkeypatch.chdir(ROOT)
     defaults = {"--seeds": "1,2"} if "--seeds" not in args else {}
-    argv = [*TINY, *args, *[x for kv in defaults.items() for x in kv], "--out-dir", tmp_path / "out"]
+    argv = [*TINY_SWEEP, *args, *[x for kv in defaults.items() for x in kv], "--out-dir", tmp_path / "out"]
     code, out, err = sweep_in_process(capsys, *argv)
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "out").exists() and in_process_runs == []
 
 
 def test_a_sweep_needs_seeds(tmp_path, capsys):
-    code, _, err = sweep_in_process(capsys, *TINY, "--out-dir", tmp_path / "o")
+    code, _, err = sweep_in_process(capsys, *TINY_SWEEP, "--out-dir", tmp_path / "o")
     assert code == 2 and err.strip() == "error: give the seeds to run: --seeds 1,2,3"
     assert not (tmp_path / "o").exists()
 
 
 def test_slurm_is_refused_without_sbatch(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sweep.shutil, "which", lambda name: None)
-    code, _, err = sweep_in_process(capsys, *TINY, "--seeds", "1", "--launcher", "slurm", "--out-dir", tmp_path / "o")
+    code, _, err = sweep_in_process(capsys, *TINY_SWEEP, "--seeds", "1", "--launcher", "slurm",
+                                    "--out-dir", tmp_path / "o")
     assert code == 2 and "--launcher slurm needs Slurm's sbatch on the PATH" in err
     assert not (tmp_path / "o").exists()
 
 
 def test_summarize_refuses_a_folder_without_a_final_report(tmp_path, capsys):
     code, _, err = sweep_in_process(capsys, "--summarize", tmp_path)
-    assert code == 2 and err.strip() == f"error: {tmp_path}: no metrics.json with a final report there (a run of " \
-                                        f"main.py that finished writes one)"
+    assert code == 2 and err.strip() == f"error: {tmp_path}: {runs.NO_REPORT}"
 
 
 def test_the_summary_of_one_class_and_eval_records():
