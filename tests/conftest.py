@@ -80,7 +80,6 @@ def tiny_mnist(tmp_path):
     return make_tiny_mnist(tmp_path / "data")
 
 
-
 # A sweep of one-epoch, two-batch runs of a 16-unit MLP VAE (tests/test_sweep.py, tests/test_slurm.py)
 TINY_SWEEP = ["--model", "vae", "--epochs", "1", "--max-batches", "2", "--hidden-dim", "16", "--latent-dim", "2",
               "--iw-samples", "2", "--val-size", "16"]

@@ -1,7 +1,7 @@
 """sweep.py: seeds run by the local launcher (main.py in subprocesses; the Slurm launcher on a real
-Slurm is tests/test_slurm.py's); finished seeds skipped, stopped ones resumed, failures reported, bad input
-refused before anything is written, and the summary's mean ± std. Where a process is not the point,
-the runs are main.main in this process, without pictures, to keep the tests fast."""
+Slurm is tests/test_slurm.py's); finished seeds skipped, stopped ones resumed, failures reported,
+bad input refused before anything is written, and the summary's mean ± std. Where a process is not
+the point, the runs are main.main in this process, without pictures, to keep the tests fast."""
 import contextlib
 import hashlib
 import json
@@ -242,4 +242,3 @@ def test_the_documents_sweep_commands_pass_the_sweeps_checks(monkeypatch):
     for command in found:
         opts, main_args = sweep.make_parser().parse_known_args(shlex.split(command)[2:])
         sweep.check_sweep(opts, main_args, sweep.parse_seeds(opts.seeds))
-
