@@ -161,6 +161,20 @@ def save_json(obj, path):
     save_atomic(lambda p: p.write_text(json.dumps(obj, indent=2)), path)
 
 
+def json_target(path):
+    """The path a script's --json will write to at its end, its folder made now: a path that cannot
+    be written fails in one line before any work is done (None stays None)."""
+    if path is None:
+        return None
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--json {path}: cannot make its folder ({e.strerror}); give a path in a folder you can write")
+    if Path(path).is_dir():
+        fail(f"--json {path} is a folder; give a file name, e.g. {Path(path) / 'run.json'}")
+    return path
+
+
 def read_json(path):
     """The JSON object in path, or {} if there is none (it cannot be read, or holds another JSON value)."""
     try:

@@ -6,6 +6,10 @@ to the machine they ran on.
 
     python benchmarks/configuration_speed.py                 # about 3 minutes on 2 cores
     python benchmarks/configuration_speed.py --batches 100   # steadier, slower
+    python benchmarks/configuration_speed.py --json records/configuration-speed/run.json
+
+--json also writes each row's timings and this run's provenance (records/configuration-speed/
+holds the published one).
 """
 import argparse
 import dataclasses
@@ -52,15 +56,21 @@ def benchmark():
     parser.add_argument("--batches", type=int, default=40, help="timed steps per row")
     parser.add_argument("--repeats", type=int, default=3, help="timings per row; the median is printed")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", help="also write the timings and this run's provenance here")
     args = parser.parse_args()
+    runs.json_target(args.json)
     device = runs.pick_device(args.device)
     train_set, _ = data.load_mnist(data.data_path(main.Config().data_dir), device)
     train_set, _ = data.split_validation(train_set, main.Config().val_size)     # 50,000 images, as main.py
     print(f"{runs.device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"device {device}; an epoch = {len(train_set[0])} images, batch 128")
+    report = {"batches": args.batches, "repeats": args.repeats, "images_per_epoch": len(train_set[0]), "rows": {}}
     for name, argv in ROWS.items():
         times = [seconds_per_epoch(argv, train_set, args.batches, device) for _ in range(args.repeats)]
         print(f"{name:50s} {statistics.median(times):7.2f} s per epoch (min {min(times):.2f}, max {max(times):.2f})")
+        report["rows"][name] = {"flags": argv, "seconds_per_epoch": statistics.median(times), "all": times}
+    if args.json:
+        runs.save_json({**report, "provenance": runs.provenance(device)}, args.json)
 
 
 if __name__ == "__main__":

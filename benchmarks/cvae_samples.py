@@ -57,6 +57,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", help="also write the numbers and this run's provenance here")
     opts = parser.parse_args(argv)
+    runs.json_target(opts.json)
     torch.set_grad_enabled(False)
     classifier, accuracy = judge.load_classifier("data", "cpu", 1)
     _, (x_val, y_val), _ = data.load_sets("data", 10000, "dynamic", "cpu")

@@ -12,6 +12,10 @@ tutorial loop does not have.
 
     python benchmarks/epoch_speed.py                 # 10 epochs each, about 3 minutes on 2 cores
     python benchmarks/epoch_speed.py --epochs 2      # quicker, timing only
+    python benchmarks/epoch_speed.py --json records/epoch-speed/run.json
+
+--json also writes every epoch's time, the test -ELBOs, the probes and this run's provenance
+(records/epoch-speed/ holds the published one).
 """
 import argparse
 import math
@@ -28,6 +32,7 @@ import data      # noqa: E402
 import losses    # noqa: E402
 import main      # noqa: E402
 import models    # noqa: E402
+import runs      # noqa: E402
 
 
 def train_step(net, optimizer, x, bf16=False):
@@ -85,6 +90,7 @@ def gemm_probe():
     bf16 = gemm_gflops(lambda a, w: a @ w.t(), a.bfloat16(), w.bfloat16())
     print(f"one 128x784x400 product: float32 via MKL (what training uses) {mkl:.0f} GFLOP/s, "
           f"float32 via oneDNN {onednn:.0f} GFLOP/s, bfloat16 via oneDNN {bf16:.0f} GFLOP/s")
+    return {"float32_mkl": mkl, "float32_onednn": onednn, "bfloat16_onednn": bf16}
 
 
 class HandWrittenBernoulli(torch.autograd.Function):
@@ -121,6 +127,7 @@ def bernoulli_probe(calls=300):
             best[name] = min(best[name], time.perf_counter() - start)
     print("log p(x|z), forward + backward of one batch, fastest of " + f"{calls}: " + ", ".join(
         f"{name} {1e6 * s:.0f} us" for name, s in best.items()))
+    return {name: 1e6 * s for name, s in best.items()}
 
 
 def benchmark():
@@ -129,33 +136,36 @@ def benchmark():
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1] / "data"))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--json", help="also write the timings, test -ELBOs and this run's provenance here")
     args = parser.parse_args()
+    runs.json_target(args.json)
     device = torch.device(args.device)
     train_set, test_set = data.load_mnist(args.data_dir, device)
     print(f"MLP VAE 784-400-20, batch 128, Adam 1e-3, {args.epochs} epochs each, seed {args.seed}, "
           f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    report = {"epochs": args.epochs, "seed": args.seed}
     if device.type == "cpu":
-        gemm_probe()
-        bernoulli_probe()
+        report["gemm_gflops"] = gemm_probe()
+        report["bernoulli_microseconds"] = bernoulli_probe()
 
     loader = torch.utils.data.DataLoader(
         datasets.MNIST(args.data_dir, train=True, transform=transforms.ToTensor()),
         batch_size=128, shuffle=True)
-    runs = {}                                   # name -> (net, run one epoch)
+    loops = {}                                  # name -> (net, run one epoch)
     for precision in ("fp32", "bf16"):
         bf16 = precision == "bf16"
         net, optimizer = fresh_model(args.seed, device)
-        runs[f"DataLoader + ToTensor, {precision}"] = net, (
+        loops[f"DataLoader + ToTensor, {precision}"] = net, (
             lambda epoch, net=net, optimizer=optimizer, bf16=bf16: dataloader_epoch(net, optimizer, loader, device, bf16))
         net, optimizer = fresh_model(args.seed, device)
         generator = torch.Generator().manual_seed(args.seed)
-        runs[f"in-memory (main.train_epoch), {precision}"] = net, (
+        loops[f"in-memory (main.train_epoch), {precision}"] = net, (
             lambda epoch, net=net, optimizer=optimizer, generator=generator, bf16=bf16:
             in_memory_epoch(net, optimizer, train_set, generator, epoch, bf16))
 
-    seconds = {name: [] for name in runs}
+    seconds = {name: [] for name in loops}
     for epoch in range(1, args.epochs + 1):
-        for name, (_, run_epoch) in runs.items():
+        for name, (_, run_epoch) in loops.items():
             start = time.perf_counter()
             run_epoch(epoch)
             if device.type == "cuda":
@@ -163,7 +173,7 @@ def benchmark():
             seconds[name].append(time.perf_counter() - start)
 
     baseline = "DataLoader + ToTensor, fp32"
-    tests = {name: main.evaluate(net, *test_set, args.seed)[0]["test_neg_elbo"] for name, (net, _) in runs.items()}
+    tests = {name: main.evaluate(net, *test_set, args.seed)[0]["test_neg_elbo"] for name, (net, _) in loops.items()}
     print(f"{'':36s} {'median epoch':>12s} {'min':>6s} {'max':>6s}  {'test -ELBO':>10s}  "
           f"time / DataLoader fp32 (median of per-epoch ratios, min-max)")
     for name, times in seconds.items():
@@ -171,6 +181,11 @@ def benchmark():
         print(f"{name:36s} {statistics.median(times):10.2f} s {min(times):6.2f} {max(times):6.2f}  "
               f"{tests[name]:10.2f}  {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}), "
               f"test -ELBO {tests[name] - tests[baseline]:+.2f} nats")
+        report.setdefault("loops", {})[name] = {
+            "seconds": times, "median_seconds": statistics.median(times), "test_neg_elbo": tests[name],
+            "ratio_to_dataloader_fp32": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}}
+    if args.json:
+        runs.save_json({**report, "provenance": runs.provenance(device)}, args.json)
 
 
 if __name__ == "__main__":

@@ -593,6 +593,19 @@ def test_read_json_gives_an_empty_object_for_anything_but_a_json_object(tmp_path
     assert runs.read_json(tmp_path / "missing.json") == {}
 
 
+def test_a_benchmarks_json_path_is_checked_before_the_work(tmp_path, capsys):
+    """--json of a benchmark: its folder is made at the start; a folder, or a path under a file,
+    stops the script there in one line with exit code 2, not after minutes of timing."""
+    assert runs.json_target(tmp_path / "new" / "run.json") == tmp_path / "new" / "run.json"
+    assert (tmp_path / "new").is_dir() and runs.json_target(None) is None
+    (tmp_path / "a-file").write_text("")
+    for bad, says in ((tmp_path / "new", "is a folder"), (tmp_path / "a-file" / "run.json", "cannot make its folder")):
+        with pytest.raises(SystemExit) as stop:
+            runs.json_target(bad)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and says in err and err.count("\n") == 1
+
+
 def test_eval_of_a_smoke_run_reads_the_whole_test_set_with_the_default_k(tiny_mnist, tmp_path, capsys, monkeypatch):
     """A run trained with --max-batches 1 --iw-samples 0: a plain --eval of it prints an NLL with
     --help's K and scores all 48 test images (3 evaluation batches of 16 here), not the trained
