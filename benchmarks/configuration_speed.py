@@ -4,7 +4,7 @@ published MNIST VAEs, reproduced'), on this machine: main.py's own epoch (main.t
 once. Prints the CPU, the torch version and the thread count first, because these numbers belong
 to the machine they ran on.
 
-    python benchmarks/configuration_speed.py                 # about 3 minutes on 2 cores
+    python benchmarks/configuration_speed.py                 # 24 s to 3 minutes on 2 cores
     python benchmarks/configuration_speed.py --batches 100   # steadier, slower
     python benchmarks/configuration_speed.py --json records/configuration-speed/run.json
 

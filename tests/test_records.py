@@ -23,7 +23,7 @@ RECORD = re.compile(r"records/[\w./-]+?\.json")
 # the columns whose numbers are results (not anchors, commands, machines or times)
 RESULT_COLUMN = re.compile(r"^(ours|test −ELBO|= recon \+ KL|test NLL|test −log p|bits/dim|samples (judged right|that are)|"
                            r"active units|best epoch|mean AUROC|AUROC|VAE |per seed|−log p\(x_h|nats|bits|"
-                           r"z ~ |reconstructions|a z read|encode|decode)", re.I)
+                           r"z ~ |reconstructions|a z read|encode|decode|median epoch|ratio to|s / epoch)", re.I)
 NUMBER = re.compile(r"(?<![\w.,−-])(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?)(%?)(?![\w.]|,\d)")     # 10,000 is one number
 
 

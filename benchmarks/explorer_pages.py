@@ -1,0 +1,101 @@
+"""The explorer page of each checkpoint, measured in Chromium: its size, the page's self-test (its
+JavaScript networks on the float16 weights against PyTorch on the same weights), and its decoding
+of a code against the float32 model.
+
+For each checkpoint, `python main.py --eval CKPT --iw-samples 0` writes the page into a temporary
+folder (the page a user's --eval writes); headless Chromium (the system chromium, through
+Playwright, as the tests use it) opens it at #selftest&z=... and the script reads #selftest,
+#decoded and the float16 error the page states under "Checks" (N_FLOAT16 codes and digits).
+
+    python benchmarks/explorer_pages.py                   # the four shipped checkpoints, about a minute
+    python benchmarks/explorer_pages.py RUN/best.pt --json records/explorer-pages/run.json
+
+--json also writes the numbers and this run's provenance (records/explorer-pages/ holds the
+published one).
+"""
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import models    # noqa: E402
+import runs      # noqa: E402
+
+SHIPPED = ["checkpoints/cvae-mlp-default.pt", "checkpoints/vae-mlp-binarized.pt",
+           "checkpoints/cvae-mlp-binarized.pt", "checkpoints/vae-conv-binarized.pt"]
+BROWSER_ARGS = ["--no-sandbox", "--headless", "--disable-gpu"]
+
+
+def written_page(checkpoint, folder):
+    """The explorer.html that `python main.py --eval checkpoint` writes (into folder)."""
+    subprocess.run([sys.executable, str(ROOT / "main.py"), "--eval", str(checkpoint), "--iw-samples", "0",
+                    "--out-dir", str(folder)], cwd=ROOT, check=True, capture_output=True)
+    return next(Path(folder).rglob("explorer.html"))
+
+
+def measure(browser, page, checkpoint):
+    """The page's size, its self-test line, and its #z= decoding against the float32 model."""
+    net, _ = runs.read_checkpoint(checkpoint, "cpu")
+    net.eval()
+    z = torch.linspace(-1.5, 1.5, net.latent_dim).unsqueeze(0)          # one code, the same for every page
+    label = 3 if isinstance(net, models.CVAE) else None
+    hash_ = "selftest&z=" + ",".join(f"{v:.6f}" for v in z[0].tolist()) + (f"&y={label}" if label is not None else "")
+    context = browser.new_context()
+    try:
+        tab = context.new_page()
+        tab.goto(f"{page.as_uri()}#{hash_}")
+        selftest, decoded = tab.text_content("#selftest"), tab.text_content("#decoded")
+        float16 = tab.evaluate("PAYLOAD.float16_error")
+    finally:
+        context.close()
+    found = re.fullmatch(r"selftest: (pass|fail) max_abs_err=(\S+) .*", selftest)
+    if not found:
+        raise SystemExit(f"error: {page}: the page's self-test did not run: {selftest!r}")
+    means = torch.tensor([float(v) for v in decoded.split(",")])
+    with torch.no_grad():
+        expected = torch.sigmoid(net.decode(z, torch.tensor([label]) if label is not None else None)).flatten()
+    return {"bytes": page.stat().st_size, "selftest": found.group(1), "selftest_max_abs_err": float(found.group(2)),
+            "decoded_vs_float32_max_abs_err": (means - expected).abs().max().item(),
+            "float16_error": float16, "model": {"kind": "cvae" if label is not None else "vae", "arch": net.arch,
+                                                "latent_dim": net.latent_dim}}
+
+
+def benchmark():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoints", nargs="*", default=SHIPPED)
+    parser.add_argument("--json", help="also write the numbers and this run's provenance here")
+    args = parser.parse_args()
+    runs.json_target(args.json)
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        runs.fail("no chromium found: apt-get install -y chromium")
+    missing = [c for c in args.checkpoints if not Path(c).is_file()]
+    if missing:
+        runs.fail(f"no checkpoint {missing[0]}: give the path of a checkpoint.pt or best.pt")
+    from playwright.sync_api import sync_playwright
+    version = subprocess.run([chromium, "--version"], capture_output=True, text=True).stdout.strip()
+    print(f"{version}; page, size, self-test (float16 weights, page vs PyTorch), #z= vs the float32 model, "
+          f"float16 error (pixel means / mu)")
+    report = {"browser": version, "pages": {}}
+    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=BROWSER_ARGS)
+        for i, checkpoint in enumerate(args.checkpoints):
+            page = written_page(checkpoint, Path(tmp) / str(i))
+            out = report["pages"][str(checkpoint)] = measure(browser, page, checkpoint)
+            print(f"{checkpoint:40s} {out['bytes'] / 1e6:6.2f} MB  {out['selftest']} {out['selftest_max_abs_err']:.1e}  "
+                  f"{out['decoded_vs_float32_max_abs_err']:.1e}  {out['float16_error']['pixel_means']:.4f} / "
+                  f"{out['float16_error']['mu']:.4f}")
+        browser.close()
+    if args.json:
+        runs.save_json({**report, "provenance": runs.provenance("cpu")}, args.json)
+
+
+if __name__ == "__main__":
+    benchmark()
