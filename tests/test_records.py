@@ -23,8 +23,9 @@ RECORD = re.compile(r"records/[\w./-]+?\.json")
 # the columns whose numbers are results (not anchors, commands, machines or times)
 RESULT_COLUMN = re.compile(r"^(ours|test −ELBO|= recon \+ KL|test NLL|test −log p|bits/dim|samples (judged right|that are)|"
                            r"active units|best epoch|mean AUROC|AUROC|VAE |per seed|−log p\(x_h|nats|bits|"
-                           r"z ~ |reconstructions|a z read|encode|decode|median epoch|ratio to|s / epoch)", re.I)
-NUMBER = re.compile(r"(?<![\w.,−-])(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?)(%?)(?![\w.]|,\d)")     # 10,000 is one number
+                           r"z ~ |reconstructions|a z read|encode|decode|median epoch|ratio to|s / epoch|page size|self-test|`#z=`|"
+                           r"float16 error)", re.I)
+NUMBER = re.compile(r"(?<![\w.,−-])(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?(?:e-\d\d)?)(%?)(?![\w.]|,\d)")   # 10,000 is one number; 1.4e-07 as Python prints it
 
 
 def tables(text):
@@ -72,11 +73,15 @@ def record_values(path):
     return found
 
 
-def printed_as(value, digits, percent):
-    return f"{value * (100 if percent else 1):.{digits}f}"
+def printed_as(value, digits, percent, style="f"):
+    return f"{value * (100 if percent else 1):.{digits}{style}}"
 
 
 def backed(token, percent, values):
+    if "e-" in token:                                   # 1.4e-07: Python's f"{v:.1e}"
+        mantissa = token.split("e")[0]
+        digits = len(mantissa.split(".")[1]) if "." in mantissa else 0
+        return any(printed_as(v, digits, percent, "e") == token for v in values)
     digits = len(token.split(".")[1]) if "." in token else 0
     return any(printed_as(v, digits, percent) == token for v in values) or \
         (not percent and any(printed_as(v, digits, True) == token for v in values if 0 <= v <= 1))
@@ -209,6 +214,8 @@ def test_the_check_catches_a_changed_number():
     values = [86.1749, 0.9782, 22, 0.19]
     assert backed("86.17", False, values) and backed("97.8", True, values) and backed("22", False, values)
     assert backed("0.19", False, values) and backed("97.8", False, values)        # 97.8 of "97.8% ± 0.5"
+    assert backed("1.4e-07", False, [1.4e-7]) and not backed("1.5e-07", False, [1.4e-7])
+    assert [m.group(1) for m in NUMBER.finditer("pass 1.4e-07, 2.59 MB")] == ["1.4e-07", "2.59"]
     assert not backed("86.18", False, values) and not backed("97.9", True, values) and not backed("23", False, values)
     header, rows = next(tables("| model | ours | record |\n| --- | --- | --- |\n| VAE | **86.18 ± 0.19** | x |\n"))
     assert [m.group(1) for m in NUMBER.finditer(rows[0][1])] == ["86.18", "0.19"]
