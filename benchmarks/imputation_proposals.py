@@ -8,6 +8,10 @@ steps, with or without fitting each component to p(z|x_o)) and K, log p(x) from 
 row, and prints −log p(x_h|x_o) for 1, 2, 3 given quadrants with the seconds each row took:
 
     python benchmarks/imputation_proposals.py --n 100
+    python benchmarks/imputation_proposals.py --n 100 --json records/imputation-proposals/run.json
+
+--json also writes every row and this run's provenance (records/imputation-proposals/ holds the
+published one).
 
 Every log p(x_o) estimate is a stochastic lower bound, so a proposal that gives a larger
 −log p(x_h|x_o) (a larger log p(x_o)) is the tighter one.
@@ -47,7 +51,9 @@ def benchmark(argv=None):
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--n", type=int, default=100, help="the first n binarized test digits")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", help="also write the rows and this run's provenance here")
     args = parser.parse_args(argv)
+    runs.json_target(args.json)
     torch.set_num_threads(1)
     net, _ = runs.read_checkpoint(args.checkpoint, torch.device("cpu"))
     _, (x_test, _) = data.load_mnist(data.data_path(args.data_dir), torch.device("cpu"))
@@ -58,12 +64,19 @@ def benchmark(argv=None):
           f"{runs.device_name(torch.device('cpu'))}, one thread")
     print("| proposal for log p(x_o) | K | 1 quadrant | 2 | 3 | seconds |")
     print("| --- | --- | --- | --- | --- | --- |")
+    report = {"checkpoint": args.checkpoint, "n_images": len(x), "seed": args.seed,
+              "neg_log_px_k5000": -log_px.mean().item(), "rows": []}
     for n_chains, steps, fit_steps, k in ROWS:
         start = time.perf_counter()
         means = score(net, x, log_px, n_chains, steps, fit_steps, k, args.seed)
         fit = f", each fitted by {fit_steps} Adam steps" if fit_steps else ", not fitted"
+        seconds = time.perf_counter() - start
         print(f"| M = {n_chains} chains of {steps} steps{fit} | {k} | " + " | ".join(f"{m:.2f}" for m in means)
-              + f" | {time.perf_counter() - start:.0f} |", flush=True)
+              + f" | {seconds:.0f} |", flush=True)
+        report["rows"].append({"chains": n_chains, "chain_steps": steps, "fit_steps": fit_steps, "k": k,
+                               "neg_log_pxh_given_xo": means, "seconds": seconds})
+    if args.json:
+        runs.save_json({**report, "provenance": runs.provenance("cpu")}, args.json)
 
 
 if __name__ == "__main__":
