@@ -24,7 +24,7 @@ RECORD = re.compile(r"records/[\w./-]+?\.json")
 RESULT_COLUMN = re.compile(r"^(ours|test −ELBO|= recon \+ KL|test NLL|test −log p|bits/dim|samples (judged right|that are)|"
                            r"active units|best epoch|mean AUROC|AUROC|VAE |per seed|−log p\(x_h|nats|bits|"
                            r"z ~ |reconstructions|a z read|encode|decode|median epoch|ratio to|s / epoch|page size|self-test|`#z=`|"
-                           r"float16 error)", re.I)
+                           r"float16 error|seconds$|\d+( quadrants?( given)?)?$)", re.I)
 NUMBER = re.compile(r"(?<![\w.,−-])(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?(?:e-\d\d)?)(%?)(?![\w.]|,\d)")   # 10,000 is one number; 1.4e-07 as Python prints it
 
 
