@@ -172,6 +172,8 @@ def json_target(path):
         fail(f"--json {path}: cannot make its folder ({e.strerror}); give a path in a folder you can write")
     if Path(path).is_dir():
         fail(f"--json {path} is a folder; give a file name, e.g. {Path(path) / 'run.json'}")
+    if not os.access(Path(path).parent, os.W_OK | os.X_OK):
+        fail(f"--json {path}: its folder is not writable; give a path in a folder you can write")
     return path
 
 

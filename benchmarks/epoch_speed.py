@@ -10,7 +10,7 @@ it. All four are scored by the same test -ELBO code. The way batches reach the m
 precision differ; and main.py's epoch also runs its NaN guard and progress bar, which the
 tutorial loop does not have.
 
-    python benchmarks/epoch_speed.py                 # 10 epochs each, about 3 minutes on 2 cores
+    python benchmarks/epoch_speed.py                 # 10 epochs each, 3 to 13 minutes on 2 cores
     python benchmarks/epoch_speed.py --epochs 2      # quicker, timing only
     python benchmarks/epoch_speed.py --json records/epoch-speed/run.json
 

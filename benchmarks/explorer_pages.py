@@ -28,16 +28,28 @@ sys.path.insert(0, str(ROOT))
 import models    # noqa: E402
 import runs      # noqa: E402
 
-SHIPPED = ["checkpoints/cvae-mlp-default.pt", "checkpoints/vae-mlp-binarized.pt",
-           "checkpoints/cvae-mlp-binarized.pt", "checkpoints/vae-conv-binarized.pt"]
+SHIPPED = [str(ROOT / "checkpoints" / name) for name in
+           ("cvae-mlp-default.pt", "vae-mlp-binarized.pt", "cvae-mlp-binarized.pt", "vae-conv-binarized.pt")]
 BROWSER_ARGS = ["--no-sandbox", "--headless", "--disable-gpu"]
+
+
+def label(checkpoint):
+    """How the record names a checkpoint: its path in the project, else its run folder and name."""
+    try:
+        return str(checkpoint.relative_to(ROOT))
+    except ValueError:
+        return f"{checkpoint.parent.name}/{checkpoint.name}"
 
 
 def written_page(checkpoint, folder):
     """The explorer.html that `python main.py --eval checkpoint` writes (into folder)."""
-    subprocess.run([sys.executable, str(ROOT / "main.py"), "--eval", str(checkpoint), "--iw-samples", "0",
-                    "--out-dir", str(folder)], cwd=ROOT, check=True, capture_output=True)
-    return next(Path(folder).rglob("explorer.html"))
+    done = subprocess.run([sys.executable, str(ROOT / "main.py"), "--eval", str(checkpoint), "--iw-samples", "0",
+                           "--out-dir", str(folder)], cwd=ROOT, capture_output=True, text=True)
+    pages = list(Path(folder).rglob("explorer.html"))
+    if done.returncode != 0 or not pages:
+        last = (done.stderr.strip().splitlines() or ["no explorer.html written"])[-1]
+        runs.fail(f"python main.py --eval {checkpoint} failed: {last.removeprefix('error: ')}")
+    return pages[0]
 
 
 def measure(browser, page, checkpoint):
@@ -51,18 +63,20 @@ def measure(browser, page, checkpoint):
     try:
         tab = context.new_page()
         tab.goto(f"{page.as_uri()}#{hash_}")
-        selftest, decoded = tab.text_content("#selftest"), tab.text_content("#decoded")
+        selftest, decoded = tab.text_content("#selftest") or "", tab.text_content("#decoded") or ""
         float16 = tab.evaluate("PAYLOAD.float16_error")
     finally:
         context.close()
-    found = re.fullmatch(r"selftest: (pass|fail) max_abs_err=(\S+) .*", selftest)
-    if not found:
-        raise SystemExit(f"error: {page}: the page's self-test did not run: {selftest!r}")
+    found = re.fullmatch(r"selftest: (pass|fail) max_abs_err=(\S+) encoder_mu_max_abs_err=(\S+) .*", selftest)
+    if not found or not decoded or not float16:
+        runs.fail(f"{page}: the page's self-test or #z= decoding did not run ({selftest!r}); "
+                  f"is it a page of this project's template?")
     means = torch.tensor([float(v) for v in decoded.split(",")])
     with torch.no_grad():
         expected = torch.sigmoid(net.decode(z, torch.tensor([label]) if label is not None else None)).flatten()
     size = page.stat().st_size
     return {"bytes": size, "megabytes": size / 1e6, "selftest": found.group(1), "selftest_max_abs_err": float(found.group(2)),
+            "selftest_mu_max_abs_err": float(found.group(3)),
             "decoded_vs_float32_max_abs_err": (means - expected).abs().max().item(),
             "float16_error": float16, "model": {"kind": "cvae" if label is not None else "vae", "arch": net.arch,
                                                 "latent_dim": net.latent_dim}}
@@ -70,27 +84,34 @@ def measure(browser, page, checkpoint):
 
 def benchmark():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoints", nargs="*", default=SHIPPED)
+    parser.add_argument("checkpoints", nargs="*", default=SHIPPED, help="default: the four shipped checkpoints")
     parser.add_argument("--json", help="also write the numbers and this run's provenance here")
     args = parser.parse_args()
-    runs.json_target(args.json)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         runs.fail("no chromium found: apt-get install -y chromium")
-    missing = [c for c in args.checkpoints if not Path(c).is_file()]
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        runs.fail("playwright is not installed: pip install -r requirements.txt")
+    checkpoints = [Path(c).resolve() for c in args.checkpoints]
+    missing = [c for c in checkpoints if not c.is_file()]
     if missing:
         runs.fail(f"no checkpoint {missing[0]}: give the path of a checkpoint.pt or best.pt")
-    from playwright.sync_api import sync_playwright
+    if len({label(c) for c in checkpoints}) < len(checkpoints):
+        runs.fail("a checkpoint is named twice: give each once")
+    runs.json_target(args.json)
     version = subprocess.run([chromium, "--version"], capture_output=True, text=True).stdout.strip()
-    print(f"{version}; page, size, self-test (float16 weights, page vs PyTorch), #z= vs the float32 model, "
-          f"float16 error (pixel means / mu)")
+    print(f"{version}; page, size, self-test (float16 weights, page vs PyTorch: pixel means / mu), "
+          f"#z= vs the float32 model, float16 error (pixel means / mu)")
     report = {"browser": version, "pages": {}}
     with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=BROWSER_ARGS)
-        for i, checkpoint in enumerate(args.checkpoints):
+        for i, checkpoint in enumerate(checkpoints):
             page = written_page(checkpoint, Path(tmp) / str(i))
-            out = report["pages"][str(checkpoint)] = measure(browser, page, checkpoint)
-            print(f"{checkpoint:40s} {out['megabytes']:6.2f} MB  {out['selftest']} {out['selftest_max_abs_err']:.1e}  "
+            out = report["pages"][label(checkpoint)] = measure(browser, page, checkpoint)
+            print(f"{label(checkpoint):40s} {out['megabytes']:6.2f} MB  {out['selftest']} "
+                  f"{out['selftest_max_abs_err']:.1e} / {out['selftest_mu_max_abs_err']:.1e}  "
                   f"{out['decoded_vs_float32_max_abs_err']:.1e}  {out['float16_error']['pixel_means']:.4f} / "
                   f"{out['float16_error']['mu']:.4f}")
         browser.close()
