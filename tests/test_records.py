@@ -25,7 +25,7 @@ RESULT_COLUMN = re.compile(r"^(ours|test −ELBO|= recon \+ KL|test NLL|test −
                            r"active units|best epoch|mean AUROC|AUROC|VAE |per seed|−log p\(x_h|nats|bits|"
                            r"z ~ |reconstructions|a z read|encode|decode|median epoch|ratio to|s / epoch|page size|self-test|`#z=`|"
                            r"float16 error|seconds$|\d+( quadrants?( given)?)?$)", re.I)
-NUMBER = re.compile(r"(?<![\w.,−-])(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?(?:e-\d\d)?)(%?)(?![\w.]|,\d)")   # 10,000 is one number; 1.4e-07 as Python prints it
+NUMBER = re.compile(r"(?<![\w.,−-])(\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?(?:e[-+]?\d+)?)(%?)(?![\w.]|,\d)")   # 10,000 is one number; 1.4e-07 too
 
 
 def tables(text):
@@ -84,10 +84,10 @@ def printed_as(value, digits, percent, style="f"):
 
 
 def backed(token, percent, values):
-    if "e-" in token:                                   # 1.4e-07: Python's f"{v:.1e}"
+    if "e" in token:                                    # 1.4e-07 or 1.4e-7: f"{v:.1e}", however written
         mantissa = token.split("e")[0]
         digits = len(mantissa.split(".")[1]) if "." in mantissa else 0
-        return any(printed_as(v, digits, percent, "e") == token for v in values)
+        return any(float(printed_as(v, digits, percent, "e")) == float(token) for v in values)
     digits = len(token.split(".")[1]) if "." in token else 0
     return any(printed_as(v, digits, percent) == token for v in values) or \
         (not percent and any(printed_as(v, digits, True) == token for v in values if 0 <= v <= 1))
@@ -220,7 +220,8 @@ def test_the_check_catches_a_changed_number(tmp_path):
     values = [86.1749, 0.9782, 22, 0.19]
     assert backed("86.17", False, values) and backed("97.8", True, values) and backed("22", False, values)
     assert backed("0.19", False, values) and backed("97.8", False, values)        # 97.8 of "97.8% ± 0.5"
-    assert backed("1.4e-07", False, [1.4e-7]) and not backed("1.5e-07", False, [1.4e-7])
+    assert backed("1.4e-07", False, [1.4e-7]) and backed("1.4e-7", False, [1.4e-7]) and backed("5e-3", False, [0.0051])
+    assert not backed("1.5e-07", False, [1.4e-7]) and not backed("1.4e-6", False, [1.4e-7])
     assert [m.group(1) for m in NUMBER.finditer("pass 1.4e-07, 2.59 MB")] == ["1.4e-07", "2.59"]
     raw = {"loops": {"a": {"seconds": [9.116, 9.13], "median_seconds": 9.13}}, "provenance": {}}
     (tmp_path / "run.json").write_text(json.dumps(raw))
