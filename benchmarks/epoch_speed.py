@@ -143,7 +143,7 @@ def benchmark():
     train_set, test_set = data.load_mnist(args.data_dir, device)
     print(f"MLP VAE 784-400-20, batch 128, Adam 1e-3, {args.epochs} epochs each, seed {args.seed}, "
           f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    report = {"epochs": args.epochs, "seed": args.seed}
+    report = {"epochs": args.epochs, "seed": args.seed, "loops": {}}
     if device.type == "cpu":
         report["gemm_gflops"] = gemm_probe()
         report["bernoulli_microseconds"] = bernoulli_probe()
@@ -181,7 +181,7 @@ def benchmark():
         print(f"{name:36s} {statistics.median(times):10.2f} s {min(times):6.2f} {max(times):6.2f}  "
               f"{tests[name]:10.2f}  {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}), "
               f"test -ELBO {tests[name] - tests[baseline]:+.2f} nats")
-        report.setdefault("loops", {})[name] = {
+        report["loops"][name] = {
             "seconds": times, "median_seconds": statistics.median(times), "test_neg_elbo": tests[name],
             "ratio_to_dataloader_fp32": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}}
     if args.json:

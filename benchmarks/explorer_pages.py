@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import models    # noqa: E402
 import runs      # noqa: E402
+from explorer_speed import CHROMIUM_ARGS  # noqa: E402
 
 SHIPPED = [str(ROOT / "checkpoints" / name) for name in
            ("cvae-mlp-default.pt", "vae-mlp-binarized.pt", "cvae-mlp-binarized.pt", "vae-conv-binarized.pt")]
-BROWSER_ARGS = ["--no-sandbox", "--headless", "--disable-gpu"]
 
 
 def label(checkpoint):
@@ -57,8 +57,8 @@ def measure(browser, page, checkpoint):
     net, _ = runs.read_checkpoint(checkpoint, "cpu")
     net.eval()
     z = torch.linspace(-1.5, 1.5, net.latent_dim).unsqueeze(0)          # one code, the same for every page
-    label = 3 if isinstance(net, models.CVAE) else None
-    hash_ = "selftest&z=" + ",".join(f"{v:.6f}" for v in z[0].tolist()) + (f"&y={label}" if label is not None else "")
+    digit = 3 if isinstance(net, models.CVAE) else None                  # the CVAE's label
+    hash_ = "selftest&z=" + ",".join(f"{v:.6f}" for v in z[0].tolist()) + (f"&y={digit}" if digit is not None else "")
     context = browser.new_context()
     try:
         tab = context.new_page()
@@ -73,12 +73,12 @@ def measure(browser, page, checkpoint):
                   f"is it a page of this project's template?")
     means = torch.tensor([float(v) for v in decoded.split(",")])
     with torch.no_grad():
-        expected = torch.sigmoid(net.decode(z, torch.tensor([label]) if label is not None else None)).flatten()
+        expected = torch.sigmoid(net.decode(z, torch.tensor([digit]) if digit is not None else None)).flatten()
     size = page.stat().st_size
     return {"bytes": size, "megabytes": size / 1e6, "selftest": found.group(1), "selftest_max_abs_err": float(found.group(2)),
             "selftest_mu_max_abs_err": float(found.group(3)),
             "decoded_vs_float32_max_abs_err": (means - expected).abs().max().item(),
-            "float16_error": float16, "model": {"kind": "cvae" if label is not None else "vae", "arch": net.arch,
+            "float16_error": float16, "model": {"kind": "cvae" if digit is not None else "vae", "arch": net.arch,
                                                 "latent_dim": net.latent_dim}}
 
 
@@ -106,7 +106,7 @@ def benchmark():
           f"#z= vs the float32 model, float16 error (pixel means / mu)")
     report = {"browser": version, "pages": {}}
     with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=BROWSER_ARGS)
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         for i, checkpoint in enumerate(checkpoints):
             page = written_page(checkpoint, Path(tmp) / str(i))
             out = report["pages"][label(checkpoint)] = measure(browser, page, checkpoint)
